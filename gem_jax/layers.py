@@ -1,0 +1,101 @@
+"""Transformer building blocks shared by both CLIP towers, as pure functions of dict params.
+
+Axes, named once:  B batch · N tokens · D width · H heads · K head_dim · M mlp width · L layers.
+
+A residual block is split in two so callers (GEM) can use the block's intermediate values as data:
+
+    h, q, k, v = block_qkv(p, x)          # h = LN1(x); q, k, v [B, H, N, K]
+    x_out      = block_finish(p, x, q, k, v, mask)
+        = x + out(softmax(q kᵀ/√K + mask) v)  then  + MLP(LN2(·))
+
+LayerNorm statistics and softmax are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+
+def layer_norm(x, p, eps: float = 1e-5):
+    """LayerNorm over the last axis (biased variance, as torch), statistics in float32."""
+    xf = x.astype(jnp.float32)
+    mu = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mu).mean(-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def activation(x, kind: str):
+    if kind == "quick_gelu":  # OpenAI CLIP: x·σ(1.702x)
+        return x * jax.nn.sigmoid(1.702 * x)
+    if kind == "gelu":  # exact erf GELU, as torch.nn.GELU() and HF "gelu"
+        return jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def dense(x, p):
+    y = x @ p["kernel"].astype(x.dtype)
+    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    """x / max(‖x‖, eps), as torch.nn.functional.normalize."""
+    n = jnp.linalg.norm(x.astype(jnp.float32), axis=axis, keepdims=True)
+    return (x / jnp.maximum(n, eps).astype(x.dtype))
+
+
+def block_qkv(p: Params, x, eps: float = 1e-5):
+    """h = LN1(x) and the attention projections of h.  x [B,N,D] → h [B,N,D], q,k,v [B,H,N,K]."""
+    h = layer_norm(x, p["ln1"], eps)
+    w = p["attn"]["qkv"]  # kernel [3, D, H, K], bias [3, H, K]
+    qkv = jnp.einsum("bnd,tdhk->tbhnk", h, w["kernel"].astype(h.dtype))
+    qkv = qkv + w["bias"].astype(h.dtype)[:, None, :, None, :]
+    return h, qkv[0], qkv[1], qkv[2]
+
+
+def attention(q, k, v, mask=None):
+    """softmax(q kᵀ / √K + mask) v, softmax in float32.  q,k,v [B,H,N,K] → [B,H,N,K]."""
+    s = jnp.einsum("bhnk,bhmk->bhnm", q * (q.shape[-1] ** -0.5), k).astype(jnp.float32)
+    if mask is not None:
+        s = s + mask
+    a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhnm,bhmk->bhnk", a, v)
+
+
+def out_proj(p: Params, o):
+    """Merge heads and project: o [B,H,N,K] → [B,N,D]."""
+    w = p["attn"]["out"]  # kernel [H, K, D], bias [D]
+    return jnp.einsum("bhnk,hkd->bnd", o, w["kernel"].astype(o.dtype)) + w["bias"].astype(o.dtype)
+
+
+def mlp(p: Params, x, act: str):
+    return dense(activation(dense(x, p["fc1"]), act), p["fc2"])
+
+
+def block_finish(p: Params, x, q, k, v, act: str, eps: float = 1e-5, mask=None):
+    """The rest of a pre-LN residual block, given its q, k, v."""
+    x = x + out_proj(p, attention(q, k, v, mask))
+    return x + mlp(p["mlp"], layer_norm(x, p["ln2"], eps), act)
+
+
+def block(p: Params, x, act: str, eps: float = 1e-5, mask=None):
+    _, q, k, v = block_qkv(p, x, eps)
+    return block_finish(p, x, q, k, v, act, eps, mask)
+
+
+def layer(stacked: Params, i):
+    """Parameters of layer i from the stacked [L, ...] block params (i may be traced)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+
+
+def run_blocks(stacked: Params, x, act: str, eps: float = 1e-5, mask=None):
+    """All blocks under lax.scan, so compile time does not grow with depth."""
+    def body(x, p):
+        return block(p, x, act, eps, mask), None
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x

@@ -1,0 +1,308 @@
+"""`gem_jax.load(src)` and the `GEMModel` user-facing object.
+
+The model object only holds data (config, params pytree, tokenizer) and calls the pure jitted
+functions below; everything it does can be done with those functions directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import gem, text, vision
+from .config import CLIPConfig, VisionConfig
+from .convert import CheckpointError, load_checkpoint
+from .preprocess import preprocess as _preprocess
+from .tokenizer import CLIPTokenizer
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+# ----------------------------------------------------------------------------- pure jitted functions
+@partial(jax.jit, static_argnames=("cfg",))
+def encode_image(params, pixels, *, cfg: CLIPConfig):
+    """Pooled, projected image embeddings [B, E] (CLIP's image features, not normalized)."""
+    return vision.encode(params["vision"], cfg.vision, pixels)["pooled"]
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def encode_text(params, ids, *, cfg: CLIPConfig):
+    """Projected text embeddings [T, E] from token ids [T, C] (not normalized)."""
+    return text.encode(params["text"], cfg.text, ids)
+
+
+def _microbatched(fn, pixels, microbatch: int):
+    """Apply fn to pixels in chunks of `microbatch` images with lax.map (bounded working set:
+    one ViT-B/16 @448 score tensor is 30 MB per image)."""
+    b = pixels.shape[0]
+    if microbatch >= b:
+        return fn(pixels)
+    pad = (-b) % microbatch
+    xs = jnp.pad(pixels, ((0, pad), (0, 0), (0, 0), (0, 0)))
+    xs = xs.reshape((-1, microbatch) + pixels.shape[1:])
+    out = jax.lax.map(fn, xs)
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:b], out)
+
+
+def default_microbatch(batch: int) -> int:
+    # On CPU, one image at a time keeps attention matrices in cache; accelerators want the batch.
+    return 1 if jax.default_backend() == "cpu" else batch
+
+
+@partial(jax.jit, static_argnames=("cfg", "branches", "with_ori", "microbatch"))
+def image_tokens(params, pixels, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
+                 cfg: CLIPConfig, branches=gem.BRANCHES, with_ori: bool = True, microbatch: int = 1):
+    """(gem, original) projected token features, each [B, 1+N, E] (original None without with_ori).
+
+    gem_depth, ss_attn_iter and ss_attn_temp are traced: changing their values does not recompile.
+    ss_attn_temp None selects the adaptive temperature (a separate compilation).
+    """
+    def fn(px):
+        return gem.encode(params["vision"], cfg.vision, px, gem_depth=gem_depth,
+                          ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp,
+                          branches=branches, with_ori=with_ori)
+    return _microbatched(fn, pixels, microbatch)
+
+
+@partial(jax.jit, static_argnames=("cfg", "branches", "use_ori", "normalize", "microbatch"))
+def heatmaps_fn(params, pixels, text_emb, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
+                cfg: CLIPConfig, branches=gem.BRANCHES, use_ori: bool = False,
+                normalize: bool = True, microbatch: int = 1):
+    """GEM heatmaps [B, P, H, W] for pixels [B, H, W, 3] and text embeddings [P, E]."""
+    grid = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
+
+    def fn(px):
+        g, o = gem.encode(params["vision"], cfg.vision, px, gem_depth=gem_depth,
+                          ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp,
+                          branches=branches, with_ori=use_ori)
+        return gem.heatmaps(o if use_ori else g, text_emb, grid, pixels.shape[1:3], normalize)
+    return _microbatched(fn, pixels, microbatch)
+
+
+# ----------------------------------------------------------------------------- input checks
+def check_pixels(pixels, cfg: VisionConfig):
+    if isinstance(pixels, (list, tuple)) or not hasattr(pixels, "shape"):
+        raise TypeError(f"pixels must be an array [B, H, W, 3]; got {type(pixels).__name__}. "
+                        f"Use model.preprocess(images) to turn PIL images into pixels.")
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        hint = " (channels-first? gem_jax uses NHWC)" if pixels.ndim == 4 and pixels.shape[1] == 3 else ""
+        raise ValueError(f"pixels must have shape [B, H, W, 3], got {tuple(pixels.shape)}{hint}")
+    if pixels.shape[0] == 0:
+        raise ValueError("pixels is an empty batch (B = 0)")
+    if not jnp.issubdtype(pixels.dtype, jnp.floating):
+        raise TypeError(f"pixels must be floating point (normalized), got dtype {pixels.dtype}; "
+                        f"use model.preprocess(images)")
+    vision.patch_grid(cfg, pixels.shape[1], pixels.shape[2])
+    if isinstance(pixels, np.ndarray) and not np.isfinite(pixels).all():
+        raise ValueError("pixels contain NaN or infinite values")
+    return pixels
+
+
+def check_prompts(prompts, what="prompts") -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"{what} must be a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"empty {what} list: give at least one text prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{what}[{i}] must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError(f"{what}[{i}] is empty or whitespace only")
+    return prompts
+
+
+def check_knobs(cfg: VisionConfig, gem_depth, ss_attn_iter, ss_attn_temp):
+    gem.check_depth(gem_depth, cfg.layers)
+    if isinstance(ss_attn_iter, (int, np.integer)) and ss_attn_iter < 0:
+        raise ValueError(f"ss_attn_iter must be >= 0, got {ss_attn_iter}")
+    if isinstance(ss_attn_iter, float):
+        raise TypeError(f"ss_attn_iter must be an integer, got {ss_attn_iter!r}")
+    if isinstance(ss_attn_temp, (int, float)) and not np.isfinite(ss_attn_temp):
+        raise ValueError(f"ss_attn_temp must be finite, got {ss_attn_temp}")
+
+
+def _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp):
+    """Python knob values → arrays, so new values reuse the compiled function."""
+    t = None if ss_attn_temp is None else jnp.asarray(ss_attn_temp, jnp.float32)
+    return jnp.asarray(gem_depth, jnp.int32), jnp.asarray(ss_attn_iter, jnp.int32), t
+
+
+# ----------------------------------------------------------------------------- model object
+class GEMModel:
+    """A loaded CLIP model with GEM methods.  Holds `config`, `params` (nested dict of arrays)
+    and `tokenizer`; see the module-level pure functions for the jittable pieces."""
+
+    def __init__(self, config: CLIPConfig, params, tokenizer: CLIPTokenizer, source: str = ""):
+        self.config = config
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.tokenizer = tokenizer
+        self.source = source
+        self._text_cache: OrderedDict = OrderedDict()
+
+    def __repr__(self):
+        v = self.config.vision
+        return (f"GEMModel({self.config.name or self.source!r}, ViT {v.layers}x{v.width} "
+                f"patch {v.patch_size}, embed {self.config.embed_dim})")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(jnp.exp(self.params["logit_scale"]))
+
+    # -- inputs
+    def preprocess(self, images, size=448):
+        """PIL image(s) of any mode → float32 pixels [B, H, W, 3] (GEM's resize + normalization)."""
+        return _preprocess(images, size=size, mean=self.config.image_mean, std=self.config.image_std)
+
+    def tokenize(self, texts) -> np.ndarray:
+        return self.tokenizer(texts, context_length=self.config.text.context_length)
+
+    # -- CLIP
+    def encode_image(self, pixels):
+        """Pooled, projected image embeddings [B, E]."""
+        return encode_image(self.params, check_pixels(pixels, self.config.vision), cfg=self.config)
+
+    def encode_text(self, texts):
+        """Projected text embeddings [T, E] of texts used verbatim (no template), not normalized."""
+        texts = check_prompts(texts, "texts")
+        key = tuple(texts)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        emb = encode_text(self.params, jnp.asarray(self.tokenize(texts)), cfg=self.config)
+        self._text_cache[key] = emb
+        if len(self._text_cache) > 64:
+            self._text_cache.popitem(last=False)
+        return emb
+
+    # -- GEM
+    def image_tokens(self, pixels, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
+                     branches=gem.BRANCHES, microbatch=None):
+        """(gem, original) projected token features, each [B, 1+N, E]."""
+        pixels = check_pixels(pixels, self.config.vision)
+        check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
+        mb = microbatch or default_microbatch(pixels.shape[0])
+        return image_tokens(self.params, pixels, *_knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp),
+                            cfg=self.config, branches=gem.check_branches(branches), microbatch=mb)
+
+    def _prompt_embeddings(self, prompts, template):
+        if template is not None and "{}" not in template:
+            raise ValueError(f"template must contain '{{}}' where the prompt goes, got {template!r}")
+        texts = [template.format(p) if template else p for p in prompts]
+        return self.encode_text(texts)
+
+    def heatmaps(self, pixels, prompts, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
+                 normalize=True, return_ori=False, template=DEFAULT_TEMPLATE,
+                 branches=gem.BRANCHES, microbatch=None):
+        """GEM heatmaps.
+
+        prompts: a list of strings shared by all images → array [B, P, H, W]; or a list of lists,
+        one per image → list of [P_i, H, W] arrays.  Min-max normalized per map if `normalize`
+        (a constant map gives zeros); raw cosine similarities otherwise.  `return_ori` uses the
+        original CLIP tokens instead of GEM's.
+        """
+        pixels = check_pixels(pixels, self.config.vision)
+        check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
+        ragged = not isinstance(prompts, str) and isinstance(prompts, Sequence) and len(prompts) > 0 \
+            and all(isinstance(p, (list, tuple)) for p in prompts)
+        if ragged:
+            if len(prompts) != pixels.shape[0]:
+                raise ValueError(f"got {len(prompts)} prompt lists for {pixels.shape[0]} images; "
+                                 f"give one list per image")
+            per_image = [check_prompts(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+            flat = [p for ps in per_image for p in ps]
+        else:
+            flat = check_prompts(prompts)
+        emb = self._prompt_embeddings(flat, template)
+        mb = microbatch or default_microbatch(pixels.shape[0])
+        kw = dict(cfg=self.config, branches=gem.check_branches(branches), use_ori=return_ori,
+                  microbatch=mb)
+        knobs = _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp)
+        if not ragged:
+            return heatmaps_fn(self.params, pixels, emb, *knobs, normalize=normalize, **kw)
+        # Ragged: one image pass, raw similarities on the patch grid for every prompt, then each
+        # image keeps its own prompts (upsampled and normalized per map).
+        tokens = image_tokens(self.params, pixels, *knobs, cfg=self.config, branches=kw["branches"],
+                              with_ori=return_ori, microbatch=mb)
+        tok = tokens[1] if return_ori else tokens[0]
+        grid = vision.patch_grid(self.config.vision, pixels.shape[1], pixels.shape[2])
+        out, start = [], 0
+        for i, ps in enumerate(per_image):
+            sims = _maps_from_tokens(tok[i:i + 1], emb[start:start + len(ps)], grid,
+                                     tuple(pixels.shape[1:3]), normalize)
+            out.append(sims[0])
+            start += len(ps)
+        return out
+
+    def segment(self, pixels, class_names, *, background_threshold=None, normalize=True,
+                template=DEFAULT_TEMPLATE, **gem_knobs):
+        """Per-pixel class ids [B, H, W] (int32) from GEM heatmaps over `class_names`.
+
+        Without a threshold ids are 0..C-1 (argmax).  With `background_threshold`, classes are
+        numbered from 1 and 0 is background wherever the highest softmax probability over the
+        classes' heatmaps is below the threshold (upstream GEM's recipe).
+        """
+        if background_threshold is not None and not 0.0 <= float(background_threshold) <= 1.0:
+            raise ValueError(f"background_threshold must be in [0, 1], got {background_threshold}")
+        if isinstance(class_names, Sequence) and not isinstance(class_names, str) and class_names \
+                and all(isinstance(c, (list, tuple)) for c in class_names):
+            raise TypeError("segment takes one list of class names shared by all images")
+        scores = self.heatmaps(pixels, class_names, normalize=normalize, template=template, **gem_knobs)
+        return gem.segment_from_scores(scores, background_threshold)
+
+
+@partial(jax.jit, static_argnames=("grid", "out_hw", "normalize"))
+def _maps_from_tokens(tokens, text_emb, grid, out_hw, normalize):
+    return gem.heatmaps(tokens, text_emb, grid, out_hw, normalize)
+
+
+# ----------------------------------------------------------------------------- loading
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.msgpack"]
+
+
+def resolve(src: str | os.PathLike) -> Path:
+    """A local checkpoint directory for `src`: a directory, or a hub id (HF cache, then download)."""
+    p = Path(src).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p} is a file; pass the checkpoint directory that contains it")
+        return p
+    s = str(src)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(f"{s!r} is neither an existing directory nor a Hugging Face hub id "
+                              f"(owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError("huggingface_hub is required to load hub ids") from None
+    try:
+        return Path(snapshot_download(s, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(s, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not load {s!r}: it is not in the local Hugging Face cache and downloading it "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If you are "
+            f"offline, pass a local checkpoint directory instead (HF transformers, OpenCLIP, or one "
+            f"written by `python -m gem_jax.convert`).") from None
+
+
+def load(src: str | os.PathLike, *, dtype=jnp.float32) -> GEMModel:
+    """Load a CLIP checkpoint: hub id, HF transformers dir, OpenCLIP hub-layout dir, or native dir."""
+    d = resolve(src)
+    cfg, params, _ = load_checkpoint(d, dtype=np.float32)
+    if dtype != jnp.float32:
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    tok = CLIPTokenizer.from_dir(d, context_length=cfg.text.context_length)
+    return GEMModel(cfg, params, tok, source=str(src))
