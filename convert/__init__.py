@@ -105,6 +105,11 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray], layout: str, cfg: CLI
     return tree
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray would turn 0-d arrays (logit_scale) into shape (1,).
+    return np.array(a, order="C", copy=True)
+
+
 def flatten_params(params) -> dict[str, np.ndarray]:
     import jax
     return {".".join(k.key for k in pth): np.asarray(v)
@@ -240,20 +245,79 @@ def save_native(out: str | os.PathLike, cfg: CLIPConfig, params, tokenizer=None,
     Refuses an existing `out` unless `force`.  `dtype` (e.g. np.float16) casts the weights.
     """
     from safetensors.numpy import save_file
+
+    def write(tmp: Path):
+        flat = flatten_params(params)
+        if dtype is not None:
+            flat = {k: v.astype(dtype) for k, v in flat.items()}
+        save_file({k: _contiguous(v) for k, v in flat.items()}, str(tmp / NATIVE_WEIGHTS))
+        meta = {"format": "gem_jax", "version": FORMAT_VERSION, "config": cfg.to_dict()}
+        (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return _atomic_dir(out, write, force)
+
+
+def tensors_from_params(params, layout: str, cfg: CLIPConfig) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_tensors`: our params as checkpoint tensors of `layout`."""
+    flat = flatten_params(params)
+    shapes = _flat_shapes(cfg)
+    out = {}
+    for key, dst, slot, tf in _expand(LAYOUTS[layout], cfg):
+        t = TRANSFORMS[tf]
+        piece = np.asarray(flat[dst][slot])
+        w = t.inv(piece) if t.inv is not None else piece.reshape(t.src_shape(shapes[dst][len(slot):]))
+        out[key] = _contiguous(w)
+    return out
+
+
+def hf_config_dict(cfg: CLIPConfig) -> dict:
+    """A transformers `config.json` (CLIPModel) describing `cfg`."""
+    v, t = cfg.vision, cfg.text
+    if t.pooling == "argmax" and t.eos_token_id != t.vocab_size - 1:
+        raise ValueError("argmax text pooling equals HF's first-eos rule only when end-of-text is "
+                         "the largest token id")
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": {"hidden_size": v.width, "intermediate_size": v.mlp_dim,
+                          "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+                          "image_size": v.image_size, "patch_size": v.patch_size,
+                          "hidden_act": v.act, "layer_norm_eps": v.ln_eps,
+                          "projection_dim": cfg.embed_dim, "num_channels": 3},
+        "text_config": {"hidden_size": t.width, "intermediate_size": t.mlp_dim,
+                        "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+                        "max_position_embeddings": t.context_length, "vocab_size": t.vocab_size,
+                        "hidden_act": t.act, "layer_norm_eps": t.ln_eps,
+                        "projection_dim": cfg.embed_dim, "bos_token_id": 49406,
+                        "eos_token_id": t.eos_token_id, "pad_token_id": 1},
+    }
+
+
+def save_hf(out: str | os.PathLike, cfg: CLIPConfig, params, tokenizer=None, *, force=False) -> Path:
+    """Export to the Hugging Face transformers layout (config.json + model.safetensors + tokenizer
+    files), loadable by `transformers.CLIPModel.from_pretrained` and by `gem_jax.load`."""
+    from safetensors.numpy import save_file
+
+    def write(tmp: Path):
+        tensors = tensors_from_params(params, "hf", cfg)
+        save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return _atomic_dir(out, write, force)
+
+
+def _atomic_dir(out, write, force: bool) -> Path:
+    """Create directory `out` by filling a temp sibling with `write(tmp)`, then renaming it."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        flat = flatten_params(params)
-        if dtype is not None:
-            flat = {k: v.astype(dtype) for k, v in flat.items()}
-        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp / NATIVE_WEIGHTS))
-        meta = {"format": "gem_jax", "version": FORMAT_VERSION, "config": cfg.to_dict()}
-        (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,8 @@ import numpy as np
 class Transform:
     src_shape: Callable[[tuple], tuple]  # expected checkpoint shape, from the target shape
     fn: Callable[[np.ndarray, tuple], np.ndarray]
+    # Inverse (our param -> checkpoint tensor), for export.  None: a reshape to src_shape suffices.
+    inv: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _prod(s):
@@ -27,18 +29,23 @@ TRANSFORMS: dict[str, Transform] = {
     # as stored
     "id": Transform(lambda t: t, lambda w, t: w),
     # torch Linear [out, in] -> kernel [in, out]
-    "T": Transform(lambda t: t[::-1], lambda w, t: w.T),
+    "T": Transform(lambda t: t[::-1], lambda w, t: w.T, lambda p: p.T),
     # torch Conv2d [D, 3, P, P] -> HWIO [P, P, 3, D]
-    "conv": Transform(lambda t: (t[3], t[2], t[0], t[1]), lambda w, t: w.transpose(2, 3, 1, 0)),
+    "conv": Transform(lambda t: (t[3], t[2], t[0], t[1]), lambda w, t: w.transpose(2, 3, 1, 0),
+                      lambda p: p.transpose(3, 2, 0, 1)),
     # torch Linear [H*K, D] -> [D, H, K]   (q, k or v projection)
-    "heads_in": Transform(lambda t: (t[1] * t[2], t[0]), lambda w, t: w.T.reshape(t)),
+    "heads_in": Transform(lambda t: (t[1] * t[2], t[0]), lambda w, t: w.T.reshape(t),
+                          lambda p: p.reshape(p.shape[0], -1).T),
     # bias [H*K] -> [H, K]  (also OpenCLIP's fused [3*H*K] -> [3, H, K])
     "heads_bias": Transform(lambda t: (_prod(t),), lambda w, t: w.reshape(t)),
     # torch Linear [D, H*K] -> [H, K, D]   (attention output projection)
-    "heads_out": Transform(lambda t: (t[2], t[0] * t[1]), lambda w, t: w.T.reshape(t)),
+    "heads_out": Transform(lambda t: (t[2], t[0] * t[1]), lambda w, t: w.T.reshape(t),
+                           lambda p: p.reshape(-1, p.shape[-1]).T),
     # nn.MultiheadAttention in_proj_weight [3*H*K, D] -> [3, D, H, K]
     "qkv_in": Transform(lambda t: (t[0] * t[2] * t[3], t[1]),
-                        lambda w, t: w.reshape(t[0], t[2] * t[3], t[1]).transpose(0, 2, 1).reshape(t)),
+                        lambda w, t: w.reshape(t[0], t[2] * t[3], t[1]).transpose(0, 2, 1).reshape(t),
+                        lambda p: p.reshape(p.shape[0], p.shape[1], -1).transpose(0, 2, 1)
+                        .reshape(-1, p.shape[1])),
     # Flax Dense kernels are already [in, out]; only the head axes need splitting / merging.
     "flax_heads_in": Transform(lambda t: (t[0], t[1] * t[2]), lambda w, t: w.reshape(t)),
     "flax_heads_out": Transform(lambda t: (t[0] * t[1], t[2]), lambda w, t: w.reshape(t)),
