@@ -121,14 +121,27 @@ def check_prompts(prompts, what="prompts") -> list[str]:
     return prompts
 
 
+MAX_SS_ATTN_TEMP = 1e6
+
+
 def check_knobs(cfg: VisionConfig, gem_depth, ss_attn_iter, ss_attn_temp):
     gem.check_depth(gem_depth, cfg.layers)
     if isinstance(ss_attn_iter, (int, np.integer)) and ss_attn_iter < 0:
         raise ValueError(f"ss_attn_iter must be >= 0, got {ss_attn_iter}")
     if isinstance(ss_attn_iter, float):
         raise TypeError(f"ss_attn_iter must be an integer, got {ss_attn_iter!r}")
-    if isinstance(ss_attn_temp, (int, float)) and not np.isfinite(ss_attn_temp):
-        raise ValueError(f"ss_attn_temp must be finite, got {ss_attn_temp}")
+    if ss_attn_temp is not None and not isinstance(ss_attn_temp, jax.core.Tracer):
+        try:
+            t = np.asarray(ss_attn_temp, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"ss_attn_temp must be a number or None, got {ss_attn_temp!r}") from None
+        if not np.isfinite(t).all():
+            raise ValueError(f"ss_attn_temp must be finite, got {ss_attn_temp}")
+        # Beyond this the float32 softmax logits (cosine * temp) lose all precision and XLA's
+        # fused softmax can overflow to NaN; 1e3 is already a hard argmax.
+        if t.size and np.abs(t).max() > MAX_SS_ATTN_TEMP:
+            raise ValueError(f"ss_attn_temp must be within [-{MAX_SS_ATTN_TEMP:g}, "
+                             f"{MAX_SS_ATTN_TEMP:g}], got {ss_attn_temp}")
 
 
 def _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp):
