@@ -8,14 +8,16 @@
 from . import config, gem, layers, params, text, vision
 from .config import CLIPConfig, TextConfig, VisionConfig, preset
 from .convert import CheckpointError
-from .model import (GEMModel, encode_image, encode_text, heatmaps_fn, image_tokens, load)
+from .layers import Execution
+from .model import (GEMModel, enable_compilation_cache, encode_image, encode_text, heatmaps_fn,
+                    image_tokens, load)
 from .preprocess import preprocess
 from .tokenizer import CLIPTokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLIPConfig", "CLIPTokenizer", "CheckpointError", "GEMModel", "TextConfig", "VisionConfig",
-    "config", "encode_image", "encode_text", "gem", "heatmaps_fn", "image_tokens", "layers", "load",
+    "CLIPConfig", "CLIPTokenizer", "CheckpointError", "Execution", "GEMModel", "TextConfig", "VisionConfig",
+    "config", "enable_compilation_cache", "encode_image", "encode_text", "gem", "heatmaps_fn", "image_tokens", "layers", "load",
     "params", "preprocess", "preset", "text", "vision",
 ]

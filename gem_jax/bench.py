@@ -82,10 +82,9 @@ def _work_jax(case: Case, ckpt: str, repeats: int, out: str) -> dict:
     m = gem_jax.load(ckpt)
     px = jax.device_put(_pixels(case))
     emb = m.encode_text([f"a photo of a {p}." for p in _prompts(case)])
-    mb = gem_jax.model.default_microbatch(case.batch)
     fn = gem_jax.heatmaps_fn
     args = (m.params, px, emb, np.int32(7), np.int32(1), None)
-    kw = dict(cfg=m.config, microbatch=mb)
+    kw = dict(cfg=m.config, ex=m.execution)
     rss0 = _peak_rss_mb()
     t = time.perf_counter()
     compiled = fn.lower(*args, **kw).compile()

@@ -87,7 +87,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"gem_jax native); default {DEFAULT_MODEL}, read from the Hugging Face "
                         f"cache or downloaded on first use")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights dtype (default float32; bfloat16 halves memory, maps are float32)")
+                   help="weights and compute dtype (default float32; bfloat16 halves memory and "
+                        "is fast on GPU/TPU; LayerNorm, softmax and the maps stay float32)")
+    g.add_argument("--compile-cache", metavar="DIR", nargs="?", const="", default=None,
+                   help="keep XLA compilations in DIR (default $GEM_JAX_CACHE or "
+                        "~/.cache/gem_jax/xla) so later runs start without compiling")
 
 
 def add_gem_args(p: argparse.ArgumentParser) -> None:
@@ -130,6 +134,8 @@ def load_model(args):
     src = args.model
     hint = ("pass a local checkpoint directory with --model DIR (for example one written by "
             "`python scripts/make_tiny_checkpoint.py DIR` or `gem-jax convert SRC DIR`)")
+    if getattr(args, "compile_cache", None) is not None:
+        gem_jax.enable_compilation_cache(args.compile_cache or None)
     try:
         return gem_jax.load(src, dtype=jnp.bfloat16 if getattr(args, "dtype", "float32") == "bfloat16"
                             else jnp.float32)
@@ -517,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_optional(sub, "gem_jax.eval.cli")
     _add_optional(sub, "gem_jax.bench")
+    _add_optional(sub, "gem_jax.demo")
     return parser
 
 

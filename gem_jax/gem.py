@@ -5,7 +5,7 @@ temperature):
 
     repeat ss_attn_iter times:   x ← softmax(τ · x̂ x̂ᵀ) x̂,      x̂ = x / ‖x‖
     A_x = softmax(τ · x̂ x̂ᵀ)
-    out = mean_x(A_x) · v            (= mean_x(A_x · v), one product instead of three)
+    out = mean_x(A_x · v)
 
 The GEM stream starts at the input of block L-(gem_depth-1) and, in each of the last gem_depth-1
 blocks, adds out_proj(out) -- residual, no MLP -- while the original stream runs unchanged.
@@ -43,29 +43,70 @@ def adaptive_inv_temp(h, head_dim: int):
     return jnp.linalg.norm(h.astype(jnp.float32), axis=-1).mean(-1) * head_dim ** -0.5
 
 
-def _ss_softmax(x, inv_temp):
-    """softmax(τ x̂ x̂ᵀ) and x̂ for x [B,H,N,K], τ [B] (or scalar)."""
+def _ss_exp(x, inv_temp):
+    """Unnormalized self-self attention: E = exp(τ x̂x̂ᵀ - |τ|·‖x̂‖), its row sums, and x̂.
+
+    As ‖x̂_j‖ ≤ 1, |x̂_i·x̂_j| ≤ ‖x̂_i‖ (equality on the diagonal of unit rows), so the shift is the
+    row maximum and softmax(τ x̂x̂ᵀ) = E / rowsum(E) without a max pass; dividing the product E·y
+    by the row sums instead of E itself saves another pass over the N×N matrix.
+    x [B,H,N,K], τ [B] or scalar.
+    """
     xn = layers.l2_normalize(x)
     tau = jnp.reshape(inv_temp, jnp.shape(inv_temp) + (1, 1, 1)).astype(jnp.float32)
-    s = jnp.einsum("bhnk,bhmk->bhnm", xn, xn).astype(jnp.float32) * tau
-    return jax.nn.softmax(s, axis=-1).astype(x.dtype), xn
+    norm = jnp.linalg.norm(xn.astype(jnp.float32), axis=-1, keepdims=True)
+    s = jnp.einsum("bhnk,bhmk->bhnm", xn, xn).astype(jnp.float32)
+    e = jnp.exp(tau * s - jnp.abs(tau) * norm)
+    return e, e.sum(-1, keepdims=True), xn
 
 
-def self_self_attention(q, k, v, inv_temp, ss_attn_iter=1, branches=BRANCHES):
-    """GEM's attention output for one block.  q,k,v [B,H,N,K], inv_temp [B] → [B,H,N,K]."""
+def _apply(e, rowsum, y):
+    """softmax-weighted sum: (E y) / rowsum, in y's dtype."""
+    out = jnp.einsum("bhnm,bhmk->bhnk", e.astype(y.dtype), y)
+    return out / jnp.maximum(rowsum, 1e-30).astype(y.dtype)
+
+
+def self_self_attention(q, k, v, inv_temp, ss_attn_iter=1, branches=BRANCHES, *,
+                        impl: str = "einsum", heads_per_step: int = 0):
+    """GEM's attention output for one block.  q,k,v [B,H,N,K], inv_temp [B] → [B,H,N,K].
+
+    impl "einsum": explicit products with a max-free softmax (see `_ss_exp`); "xla"/"cudnn":
+    jax.nn.dot_product_attention with τ folded into the query (scale 1).
+    heads_per_step > 0 loops over groups of heads so each N×N matrix stays in cache.
+    """
     branches = check_branches(branches)
+    h = q.shape[1]
+    if heads_per_step and heads_per_step < h:
+        if h % heads_per_step:
+            raise ValueError(f"heads_per_step={heads_per_step} does not divide {h} heads")
+        split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], h // heads_per_step, heads_per_step,
+                                                 *x.shape[2:]), 1, 0)
+        out = jax.lax.map(lambda a: self_self_attention(*a, inv_temp, ss_attn_iter, branches,
+                                                        impl=impl), (split(q), split(k), split(v)))
+        return jnp.moveaxis(out, 0, 1).reshape(q.shape)
     src = dict(q=q, k=k, v=v)
+    if impl != "einsum":
+        tau = jnp.reshape(inv_temp, jnp.shape(inv_temp) + (1, 1, 1))
+
+        def attend(x, values):
+            xn = layers.l2_normalize(x)
+            return layers.dot_product_attention((tau * xn).astype(xn.dtype), xn,
+                                                xn if values is None else values, 1.0, impl)
+        out = 0.0
+        for name in branches:
+            x = jax.lax.fori_loop(0, ss_attn_iter, lambda _, x: attend(x, None), src[name])
+            out = out + attend(x, v)
+        return out / len(branches)
 
     def refine(_, x):
-        a, xn = _ss_softmax(x, inv_temp)
-        return jnp.einsum("bhnm,bhmk->bhnk", a, xn)
+        e, r, xn = _ss_exp(x, inv_temp)
+        return _apply(e, r, xn)
 
-    attn = 0.0
+    out = 0.0
     for name in branches:
         x = jax.lax.fori_loop(0, ss_attn_iter, refine, src[name])
-        attn = attn + _ss_softmax(x, inv_temp)[0]
-    attn = attn / len(branches)
-    return jnp.einsum("bhnm,bhmk->bhnk", attn, v)
+        e, r, _ = _ss_exp(x, inv_temp)
+        out = out + _apply(e, r, v)
+    return out / len(branches)
 
 
 def check_depth(gem_depth, layers_: int):
@@ -76,7 +117,7 @@ def check_depth(gem_depth, layers_: int):
 
 
 def encode(p, cfg: VisionConfig, pixels, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
-           branches=BRANCHES, with_ori: bool = True):
+           branches=BRANCHES, with_ori: bool = True, ex: layers.Execution = layers.DEFAULT):
     """Both token streams of the image tower.
 
     Returns (gem_tokens, ori_tokens), each [B, 1+N, E] after LN_post and the projection;
@@ -92,19 +133,21 @@ def encode(p, cfg: VisionConfig, pixels, *, gem_depth=7, ss_attn_iter=1, ss_attn
     else:
         start = n_layers - (jnp.clip(gem_depth, 2, n_layers + 1) - 1)
     blocks = p["blocks"]
-    x = vision.embed(p, cfg, pixels)
+    x = vision.embed(p, cfg, pixels, ex.jnp_dtype)
 
     def plain(i, x):
-        return layers.block(layers.layer(blocks, i), x, cfg.act, cfg.ln_eps)
+        return layers.block(layers.layer(blocks, i), x, cfg.act, cfg.ln_eps, impl=ex.attention)
 
     def gem_step(i, carry, finish=True):
         x, xg = carry
         bp = layers.layer(blocks, i)
         h, q, k, v = layers.block_qkv(bp, x, cfg.ln_eps)
         tau = adaptive_inv_temp(h, cfg.head_dim) if ss_attn_temp is None else ss_attn_temp
-        xg = xg + layers.out_proj(bp, self_self_attention(q, k, v, tau, ss_attn_iter, branches))
+        o = self_self_attention(q, k, v, tau, ss_attn_iter, branches, impl=ex.attention,
+                                heads_per_step=ex.heads_per_step)
+        xg = xg + layers.out_proj(bp, o)
         if finish:
-            x = layers.block_finish(bp, x, q, k, v, cfg.act, cfg.ln_eps)
+            x = layers.block_finish(bp, x, q, k, v, cfg.act, cfg.ln_eps, impl=ex.attention)
         return x, xg
 
     x = jax.lax.fori_loop(0, start, plain, x)
@@ -121,8 +164,8 @@ def patch_similarity(tokens, text_emb, grid: tuple[int, int]):
 
     tokens [B, 1+N, E] (class token first), text_emb [P, E] → [B, P, gh, gw].
     """
-    img = layers.l2_normalize(tokens[:, 1:])
-    txt = layers.l2_normalize(text_emb)
+    img = layers.l2_normalize(tokens[:, 1:].astype(jnp.float32))
+    txt = layers.l2_normalize(text_emb.astype(jnp.float32))
     s = jnp.einsum("bne,pe->bpn", img, txt, precision=jax.lax.Precision.HIGHEST)
     return s.reshape(s.shape[:2] + tuple(grid))
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import gem, text, vision
 from .config import CLIPConfig, VisionConfig
+from .layers import Execution
 from .convert import CheckpointError, load_checkpoint
 from .preprocess import preprocess as _preprocess
 from .tokenizer import CLIPTokenizer
@@ -26,10 +27,10 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 # ----------------------------------------------------------------------------- pure jitted functions
-@partial(jax.jit, static_argnames=("cfg",))
-def encode_image(params, pixels, *, cfg: CLIPConfig):
+@partial(jax.jit, static_argnames=("cfg", "ex"))
+def encode_image(params, pixels, *, cfg: CLIPConfig, ex: Execution = Execution()):
     """Pooled, projected image embeddings [B, E] (CLIP's image features, not normalized)."""
-    return vision.encode(params["vision"], cfg.vision, pixels)["pooled"]
+    return vision.encode(params["vision"], cfg.vision, pixels, ex=ex)["pooled"]
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -40,9 +41,9 @@ def encode_text(params, ids, *, cfg: CLIPConfig):
 
 def _microbatched(fn, pixels, microbatch: int):
     """Apply fn to pixels in chunks of `microbatch` images with lax.map (bounded working set:
-    one ViT-B/16 @448 score tensor is 30 MB per image)."""
+    one ViT-B/16 @448 score tensor is 30 MB per image); 0 = the whole batch at once."""
     b = pixels.shape[0]
-    if microbatch >= b:
+    if not microbatch or microbatch >= b:
         return fn(pixels)
     pad = (-b) % microbatch
     xs = jnp.pad(pixels, ((0, pad), (0, 0), (0, 0), (0, 0)))
@@ -51,39 +52,51 @@ def _microbatched(fn, pixels, microbatch: int):
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:b], out)
 
 
-def default_microbatch(batch: int) -> int:
-    # On CPU, one image at a time keeps attention matrices in cache; accelerators want the batch.
-    return 1 if jax.default_backend() == "cpu" else batch
+def _run_batch(fn, shared, pixels, ex: Execution):
+    """fn(shared, pixels) over the batch: in microbatches, and data-parallel over all devices
+    (batch sharded, `shared` replicated) when there are several."""
+    n = jax.device_count()
+    if n == 1 or not ex.data_parallel:
+        return _microbatched(lambda px: fn(shared, px), pixels, ex.microbatch)
+    from jax.sharding import Mesh, PartitionSpec as P
+    b = pixels.shape[0]
+    px = jnp.pad(pixels, ((0, (-b) % n), (0, 0), (0, 0), (0, 0)))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    local = lambda sh, x: _microbatched(lambda p: fn(sh, p), x, ex.microbatch)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))(shared, px)
+    return jax.tree.map(lambda a: a[:b], out)
 
 
-@partial(jax.jit, static_argnames=("cfg", "branches", "with_ori", "microbatch"))
+@partial(jax.jit, static_argnames=("cfg", "branches", "with_ori", "ex"))
 def image_tokens(params, pixels, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
-                 cfg: CLIPConfig, branches=gem.BRANCHES, with_ori: bool = True, microbatch: int = 1):
+                 cfg: CLIPConfig, branches=gem.BRANCHES, with_ori: bool = True,
+                 ex: Execution = Execution()):
     """(gem, original) projected token features, each [B, 1+N, E] (original None without with_ori).
 
     gem_depth, ss_attn_iter and ss_attn_temp are traced: changing their values does not recompile.
     ss_attn_temp None selects the adaptive temperature (a separate compilation).
     """
-    def fn(px):
-        return gem.encode(params["vision"], cfg.vision, px, gem_depth=gem_depth,
-                          ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp,
-                          branches=branches, with_ori=with_ori)
-    return _microbatched(fn, pixels, microbatch)
+    def fn(sh, px):
+        vp, depth, iters, temp = sh
+        return gem.encode(vp, cfg.vision, px, gem_depth=depth, ss_attn_iter=iters,
+                          ss_attn_temp=temp, branches=branches, with_ori=with_ori, ex=ex)
+    return _run_batch(fn, (params["vision"], gem_depth, ss_attn_iter, ss_attn_temp), pixels, ex)
 
 
-@partial(jax.jit, static_argnames=("cfg", "branches", "use_ori", "normalize", "microbatch"))
+@partial(jax.jit, static_argnames=("cfg", "branches", "use_ori", "normalize", "ex"))
 def heatmaps_fn(params, pixels, text_emb, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
                 cfg: CLIPConfig, branches=gem.BRANCHES, use_ori: bool = False,
-                normalize: bool = True, microbatch: int = 1):
-    """GEM heatmaps [B, P, H, W] for pixels [B, H, W, 3] and text embeddings [P, E]."""
+                normalize: bool = True, ex: Execution = Execution()):
+    """GEM heatmaps [B, P, H, W] (float32) for pixels [B, H, W, 3] and text embeddings [P, E]."""
     grid = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
 
-    def fn(px):
-        g, o = gem.encode(params["vision"], cfg.vision, px, gem_depth=gem_depth,
-                          ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp,
-                          branches=branches, with_ori=use_ori)
-        return gem.heatmaps(o if use_ori else g, text_emb, grid, pixels.shape[1:3], normalize)
-    return _microbatched(fn, pixels, microbatch)
+    def fn(sh, px):
+        vp, emb, depth, iters, temp = sh
+        g, o = gem.encode(vp, cfg.vision, px, gem_depth=depth, ss_attn_iter=iters,
+                          ss_attn_temp=temp, branches=branches, with_ori=use_ori, ex=ex)
+        return gem.heatmaps(o if use_ori else g, emb, grid, pixels.shape[1:3], normalize)
+    shared = (params["vision"], text_emb, gem_depth, ss_attn_iter, ss_attn_temp)
+    return _run_batch(fn, shared, pixels, ex)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -135,8 +148,9 @@ def check_knobs(cfg: VisionConfig, gem_depth, ss_attn_iter, ss_attn_temp):
             t = np.asarray(ss_attn_temp, dtype=np.float64)
         except (TypeError, ValueError):
             raise TypeError(f"ss_attn_temp must be a number or None, got {ss_attn_temp!r}") from None
-        if not np.isfinite(t).all():
-            raise ValueError(f"ss_attn_temp must be finite, got {ss_attn_temp}")
+        if not np.isfinite(t).all() or (t < 0).any():
+            raise ValueError(f"ss_attn_temp must be a finite inverse temperature >= 0, "
+                             f"got {ss_attn_temp}")
         # Beyond this the float32 softmax logits (cosine * temp) lose all precision and XLA's
         # fused softmax can overflow to NaN; 1e3 is already a hard argmax.
         if t.size and np.abs(t).max() > MAX_SS_ATTN_TEMP:
@@ -155,9 +169,13 @@ class GEMModel:
     """A loaded CLIP model with GEM methods.  Holds `config`, `params` (nested dict of arrays)
     and `tokenizer`; see the module-level pure functions for the jittable pieces."""
 
-    def __init__(self, config: CLIPConfig, params, tokenizer: CLIPTokenizer, source: str = ""):
+    def __init__(self, config: CLIPConfig, params, tokenizer: CLIPTokenizer, source: str = "",
+                 execution: Execution | None = None):
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
+        dtype = str(jnp.dtype(self.params["vision"]["proj"].dtype))
+        # How to run (attention implementation, microbatching, compute dtype); see Execution.
+        self.execution = execution or Execution.auto(dtype=dtype)
         self.tokenizer = tokenizer
         self.source = source
         self._text_cache: OrderedDict = OrderedDict()
@@ -182,7 +200,8 @@ class GEMModel:
     # -- CLIP
     def encode_image(self, pixels):
         """Pooled, projected image embeddings [B, E]."""
-        return encode_image(self.params, check_pixels(pixels, self.config.vision), cfg=self.config)
+        return encode_image(self.params, check_pixels(pixels, self.config.vision), cfg=self.config,
+                            ex=self.execution)
 
     def encode_text(self, texts):
         """Projected text embeddings [T, E] of texts used verbatim (no template), not normalized."""
@@ -199,13 +218,13 @@ class GEMModel:
 
     # -- GEM
     def image_tokens(self, pixels, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
-                     branches=gem.BRANCHES, microbatch=None):
+                     branches=gem.BRANCHES, execution: Execution | None = None):
         """(gem, original) projected token features, each [B, 1+N, E]."""
         pixels = check_pixels(pixels, self.config.vision)
         check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
-        mb = microbatch or default_microbatch(pixels.shape[0])
         return image_tokens(self.params, pixels, *_knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp),
-                            cfg=self.config, branches=gem.check_branches(branches), microbatch=mb)
+                            cfg=self.config, branches=gem.check_branches(branches),
+                            ex=execution or self.execution)
 
     def _prompt_embeddings(self, prompts, template):
         if template is not None and "{}" not in template:
@@ -215,7 +234,7 @@ class GEMModel:
 
     def heatmaps(self, pixels, prompts, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
                  normalize=True, return_ori=False, template=DEFAULT_TEMPLATE,
-                 branches=gem.BRANCHES, microbatch=None):
+                 branches=gem.BRANCHES, execution: Execution | None = None):
         """GEM heatmaps.
 
         prompts: a list of strings shared by all images → array [B, P, H, W]; or a list of lists,
@@ -236,16 +255,15 @@ class GEMModel:
         else:
             flat = check_prompts(prompts)
         emb = self._prompt_embeddings(flat, template)
-        mb = microbatch or default_microbatch(pixels.shape[0])
-        kw = dict(cfg=self.config, branches=gem.check_branches(branches), use_ori=return_ori,
-                  microbatch=mb)
+        ex = execution or self.execution
+        kw = dict(cfg=self.config, branches=gem.check_branches(branches), use_ori=return_ori, ex=ex)
         knobs = _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp)
         if not ragged:
             return heatmaps_fn(self.params, pixels, emb, *knobs, normalize=normalize, **kw)
         # Ragged: one image pass, raw similarities on the patch grid for every prompt, then each
         # image keeps its own prompts (upsampled and normalized per map).
         tokens = image_tokens(self.params, pixels, *knobs, cfg=self.config, branches=kw["branches"],
-                              with_ori=return_ori, microbatch=mb)
+                              with_ori=return_ori, ex=ex)
         tok = tokens[1] if return_ori else tokens[0]
         grid = vision.patch_grid(self.config.vision, pixels.shape[1], pixels.shape[2])
         out, start = [], 0
@@ -276,6 +294,18 @@ class GEMModel:
 @partial(jax.jit, static_argnames=("grid", "out_hw", "normalize"))
 def _maps_from_tokens(tokens, text_emb, grid, out_hw, normalize):
     return gem.heatmaps(tokens, text_emb, grid, out_hw, normalize)
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
+    """Persist XLA compilations on disk so later processes skip compiling (JAX's persistent
+    compilation cache).  Default path: $GEM_JAX_CACHE or ~/.cache/gem_jax/xla."""
+    p = Path(path or os.environ.get("GEM_JAX_CACHE") or Path.home() / ".cache" / "gem_jax" / "xla")
+    p.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(p))
+    # Cache every compilation, however quick: ours take ~1 s, under JAX's default threshold.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return p
 
 
 # ----------------------------------------------------------------------------- loading
@@ -311,11 +341,14 @@ def resolve(src: str | os.PathLike) -> Path:
             f"written by `python -m gem_jax.convert`).") from None
 
 
-def load(src: str | os.PathLike, *, dtype=jnp.float32) -> GEMModel:
-    """Load a CLIP checkpoint: hub id, HF transformers dir, OpenCLIP hub-layout dir, or native dir."""
+def load(src: str | os.PathLike, *, dtype=jnp.float32, execution: Execution | None = None) -> GEMModel:
+    """Load a CLIP checkpoint: hub id, HF transformers dir, OpenCLIP hub-layout dir, or native dir.
+
+    `dtype` is the parameter and compute dtype (bfloat16 on accelerators: LayerNorm statistics
+    and softmax stay float32); `execution` overrides how it runs (see `Execution.auto`)."""
     d = resolve(src)
     cfg, params, _ = load_checkpoint(d, dtype=np.float32)
     if dtype != jnp.float32:
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     tok = CLIPTokenizer.from_dir(d, context_length=cfg.text.context_length)
-    return GEMModel(cfg, params, tok, source=str(src))
+    return GEMModel(cfg, params, tok, source=str(src), execution=execution)

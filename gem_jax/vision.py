@@ -32,10 +32,13 @@ def pos_embed(p, cfg: VisionConfig, grid: tuple[int, int]):
     return resample_pos_embed(p["pos_embed"], grid, (cfg.grid, cfg.grid))
 
 
-def embed(p, cfg: VisionConfig, pixels):
-    """Patchify, prepend the class token, add positions, LN_pre.  → [B, 1+N, D]."""
+def embed(p, cfg: VisionConfig, pixels, dtype=None):
+    """Patchify, prepend the class token, add positions, LN_pre.  → [B, 1+N, D] in `dtype`
+    (default: the pixels' dtype)."""
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"pixels must be NHWC [B, H, W, 3], got shape {tuple(pixels.shape)}")
+    if dtype is not None:
+        pixels = pixels.astype(dtype)
     b, hh, ww, _ = pixels.shape
     gh, gw = patch_grid(cfg, hh, ww)
     ps = cfg.patch_size
@@ -52,7 +55,8 @@ def head(p, cfg: VisionConfig, x):
     return layers.layer_norm(x, p["ln_post"], cfg.ln_eps) @ p["proj"].astype(x.dtype)
 
 
-def encode(p, cfg: VisionConfig, pixels, *, return_blocks: bool = False):
+def encode(p, cfg: VisionConfig, pixels, *, return_blocks: bool = False,
+           ex: layers.Execution = layers.DEFAULT):
     """Run the tower.  Returns a dict:
 
     tokens [B,1+N,E] (LN_post + proj of every token), pooled [B,E] (= tokens[:, 0]),
@@ -60,11 +64,11 @@ def encode(p, cfg: VisionConfig, pixels, *, return_blocks: bool = False):
     values GEM-style methods consume, stacked over layers: x (block input) [L,B,1+N,D],
     h (= LN1(x)) [L,B,1+N,D], q, k, v [L,B,H,1+N,K].
     """
-    x = embed(p, cfg, pixels)
+    x = embed(p, cfg, pixels, ex.jnp_dtype)
 
     def body(x, bp):
         h, q, k, v = layers.block_qkv(bp, x, cfg.ln_eps)
-        out = layers.block_finish(bp, x, q, k, v, cfg.act, cfg.ln_eps)
+        out = layers.block_finish(bp, x, q, k, v, cfg.act, cfg.ln_eps, impl=ex.attention)
         return out, (dict(x=x, h=h, q=q, k=k, v=v) if return_blocks else None)
 
     x, blocks = jax.lax.scan(body, x, p["blocks"])

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from .. import gem, vision
-from ..model import check_knobs, default_microbatch, encode_text, image_tokens
+from ..model import check_knobs, encode_text, image_tokens
 from ..preprocess import preprocess
 from ..resample import interp_matrix
 from .classnames import GEM_TEMPLATE, IMAGENET_TEMPLATES
@@ -207,12 +207,12 @@ def text_embeddings(model, queries: Sequence[str], templates: Sequence[str]) -> 
     return np.stack(out)
 
 
-@partial(jax.jit, static_argnames=("cfg", "use_ori", "microbatch"))
+@partial(jax.jit, static_argnames=("cfg", "use_ori", "ex"))
 def _grid_cosine(params, pixels, text_emb, gem_depth, ss_attn_iter, ss_attn_temp, *, cfg,
-                 use_ori, microbatch):
+                 use_ori, ex):
     """Patch-prompt cosine similarities on the patch grid: [B, Q, gh, gw]."""
     g, o = image_tokens(params, pixels, gem_depth, ss_attn_iter, ss_attn_temp, cfg=cfg,
-                        with_ori=use_ori, microbatch=microbatch)
+                        with_ori=use_ori, ex=ex)
     grid = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
     return gem.patch_similarity(o if use_ori else g, text_emb, grid)
 
@@ -264,7 +264,7 @@ class _Base:
             pixels = np.concatenate([pixels, np.zeros((n - b,) + pixels.shape[1:], pixels.dtype)])
         out = _grid_cosine(self.model.params, jnp.asarray(pixels), self.text_emb, *self._knobs,
                            cfg=self.model.config, use_ori=self.use_ori,
-                           microbatch=default_microbatch(n))
+                           ex=self.model.execution)
         return np.asarray(out[:b], np.float32)
 
     def classify(self, cos) -> np.ndarray:
