@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Sequence
+from .argtypes import finite_float as _finite_float, nonneg_int as _nonneg_int
+from .argtypes import positive_int as _positive_int, unit_float as _unit_float
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 DEFAULT_OUT = "gem-jax-out"
@@ -33,42 +35,6 @@ class CLIError(Exception):
 
 
 # ----------------------------------------------------------------------------- argument types
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def _finite_float(s: str) -> float:
-    import math
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
-    return v
-
-
-def _unit_float(s: str) -> float:
-    v = _finite_float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    return v
 
 
 def _template(s: str) -> str:
@@ -239,6 +205,33 @@ def _finish(args, written: int, errors: list[str], total: int, out: Path) -> int
     return 0
 
 
+def _run_images(args, stems, names, desc: str, infer, write) -> int:
+    """The shared image loop: check inputs and outputs before loading the model, then for each
+    batch read -> preprocess -> `infer(model, pixels)` -> `write(path, image, result, stem)`
+    (returns the number of files written); only one batch is held in memory."""
+    from gem_jax.io import batched
+    out = Path(args.out)
+    _check_inputs(args.images)
+    _check_outputs(out, [n for s in stems for n in names(s)], args.force)
+    model = load_model(args)
+    _check_knobs(model, args)
+    stem_of = dict(zip(args.images, stems))
+    errors: list[str] = []
+    written = 0
+    with _progress(len(args.images), args, desc) as bar:
+        for chunk in batched(args.images, args.batch_size):
+            batch = _read_batch(chunk, errors)
+            if batch:
+                pixels = model.preprocess([im for _, im in batch], size=args.size)
+                results = infer(model, pixels)
+                del pixels
+                for (path, img), r in zip(batch, results):
+                    written += write(img, r, stem_of[path])
+                del results, batch
+            bar.update(len(chunk))
+    return _finish(args, written, errors, len(args.images), out)
+
+
 def _knobs(args) -> dict:
     return dict(gem_depth=args.gem_depth, ss_attn_iter=args.iters, ss_attn_temp=args.temp,
                 template=args.template)
@@ -270,7 +263,7 @@ examples:
 def cmd_heatmap(args) -> int:
     import numpy as np
     from gem_jax import viz
-    from gem_jax.io import batched, save_image, save_npy
+    from gem_jax.io import save_image, save_npy
     parser = args._parser
     prompts = _prompts_or_usage_error(parser, args.prompt, "prompts")
     stems = _stems(parser, args.images)
@@ -281,36 +274,23 @@ def cmd_heatmap(args) -> int:
         n = [f"{stem}_{s}.png" for s in slugs] + [f"{stem}_grid.png"]
         return n + ([f"{stem}_{s}.npy" for s in slugs] if args.save_raw else [])
 
-    _check_inputs(args.images)
-    _check_outputs(out, [n for s in stems for n in names(s)], args.force)
-    model = load_model(args)
-    _check_knobs(model, args)
-    stem_of = dict(zip(args.images, stems))
-    errors: list[str] = []
-    written = 0
-    with _progress(len(args.images), args, "heatmap") as bar:
-        for chunk in batched(args.images, args.batch_size):
-            batch = _read_batch(chunk, errors)
-            if batch:
-                pixels = model.preprocess([im for _, im in batch], size=args.size)
-                maps = np.asarray(model.heatmaps(pixels, prompts, **_knobs(args)), np.float32)
-                del pixels
-                for (path, img), m in zip(batch, maps):
-                    stem = stem_of[path]
-                    for slug, hm in zip(slugs, m):
-                        save_image(viz.overlay(img, hm, args.alpha, args.cmap),
-                                   out / f"{stem}_{slug}.png", force=args.force)
-                        written += 1
-                        if args.save_raw:
-                            raw = np.clip(viz.resize_map(hm, img.size), 0.0, 1.0)
-                            save_npy(raw, out / f"{stem}_{slug}.npy", force=args.force)
-                            written += 1
-                    save_image(viz.grid(img, m, titles=prompts, alpha=args.alpha, cmap=args.cmap),
-                               out / f"{stem}_grid.png", force=args.force)
-                    written += 1
-                del maps, batch
-            bar.update(len(chunk))
-    return _finish(args, written, errors, len(args.images), out)
+    def infer(model, pixels):
+        return np.asarray(model.heatmaps(pixels, prompts, **_knobs(args)), np.float32)
+
+    def write(img, m, stem) -> int:
+        n = 0
+        for slug, hm in zip(slugs, m):
+            save_image(viz.overlay(img, hm, args.alpha, args.cmap), out / f"{stem}_{slug}.png",
+                       force=args.force)
+            n += 1
+            if args.save_raw:
+                raw = np.clip(viz.resize_map(hm, img.size), 0.0, 1.0)
+                save_npy(raw, out / f"{stem}_{slug}.npy", force=args.force)
+                n += 1
+        save_image(viz.grid(img, m, titles=prompts, alpha=args.alpha, cmap=args.cmap),
+                   out / f"{stem}_grid.png", force=args.force)
+        return n + 1
+    return _run_images(args, stems, names, "heatmap", infer, write)
 
 
 # ----------------------------------------------------------------------------- segment
@@ -334,7 +314,7 @@ def cmd_segment(args) -> int:
     import numpy as np
     from PIL import Image
     from gem_jax import viz
-    from gem_jax.io import batched, save_image, save_npy
+    from gem_jax.io import save_image, save_npy
     parser = args._parser
     classes = _prompts_or_usage_error(parser, args.cls, "classes")
     stems = _stems(parser, args.images)
@@ -345,39 +325,22 @@ def cmd_segment(args) -> int:
         return [f"{stem}_seg.png", f"{stem}_seg_overlay.png"] + \
             ([f"{stem}_seg.npy"] if args.save_raw else [])
 
-    _check_inputs(args.images)
-    _check_outputs(out, [n for s in stems for n in names(s)], args.force)
-    model = load_model(args)
-    _check_knobs(model, args)
-    stem_of = dict(zip(args.images, stems))
-    errors: list[str] = []
-    written = 0
-    with _progress(len(args.images), args, "segment") as bar:
-        for chunk in batched(args.images, args.batch_size):
-            batch = _read_batch(chunk, errors)
-            if batch:
-                pixels = model.preprocess([im for _, im in batch], size=args.size)
-                ids = np.asarray(model.segment(pixels, classes,
-                                               background_threshold=args.background_threshold,
-                                               **_knobs(args)))
-                del pixels
-                for (path, img), a in zip(batch, ids):
-                    stem = stem_of[path]
-                    a = np.asarray(Image.fromarray(a.astype(np.int32)).resize(img.size, Image.NEAREST),
-                                   np.int32)
-                    save_image(viz.colorize_segmentation(a, len(classes),
-                                                         background=(0, 0, 0) if bg else None),
-                               out / f"{stem}_seg.png", force=args.force)
-                    save_image(viz.segmentation_overlay(img, a, classes, alpha=args.alpha,
-                                                        background="background" if bg else None),
-                               out / f"{stem}_seg_overlay.png", force=args.force)
-                    written += 2
-                    if args.save_raw:
-                        save_npy(a, out / f"{stem}_seg.npy", force=args.force)
-                        written += 1
-                del ids, batch
-            bar.update(len(chunk))
-    return _finish(args, written, errors, len(args.images), out)
+    def infer(model, pixels):
+        return np.asarray(model.segment(pixels, classes, background_threshold=args.background_threshold,
+                                        **_knobs(args)))
+
+    def write(img, a, stem) -> int:
+        a = np.asarray(Image.fromarray(a.astype(np.int32)).resize(img.size, Image.NEAREST), np.int32)
+        save_image(viz.colorize_segmentation(a, len(classes), background=(0, 0, 0) if bg else None),
+                   out / f"{stem}_seg.png", force=args.force)
+        save_image(viz.segmentation_overlay(img, a, classes, alpha=args.alpha,
+                                            background="background" if bg else None),
+                   out / f"{stem}_seg_overlay.png", force=args.force)
+        if args.save_raw:
+            save_npy(a, out / f"{stem}_seg.npy", force=args.force)
+            return 3
+        return 2
+    return _run_images(args, stems, names, "segment", infer, write)
 
 
 # ----------------------------------------------------------------------------- models

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .classnames import GEM_TEMPLATE, IMAGENET_TEMPLATES, NAME_SETS
 from .datasets import ALIASES, DATASETS
+from ..argtypes import nonneg_int as _nonneg_int, positive_float as _positive_float
+from ..argtypes import positive_int as _positive_int
 
 __all__ = ["register", "add_arguments", "run", "main", "build_parser"]
 
@@ -45,16 +47,6 @@ examples:
 datasets: """ + ", ".join(DATASETS) + " (aliases: " + ", ".join(sorted(ALIASES)) + ")"
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
 def _threshold(s):
     if s.lower() in ("none", "off"):
         return "none"
@@ -83,26 +75,6 @@ def _depth(s):
     v = _positive_int(s)
     if v < 2:
         raise argparse.ArgumentTypeError(f"--gem-depth must be >= 2, got {s!r}")
-    return v
-
-
-def _nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def _positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
     return v
 
 
