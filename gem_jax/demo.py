@@ -31,7 +31,7 @@ from . import scenes
 
 TOY_MODEL_DIR = Path(__file__).parent / "assets" / "toy_clip"
 # GEM settings for the toy model, tuned on held-out scenes (see benchmarks/localization.py).
-TOY_KNOBS = dict(gem_depth=7, ss_attn_iter=1, ss_attn_temp=10.0)
+TOY_KNOBS = dict(gem_depth=7, ss_attn_iter=1, ss_attn_temp=5.0)
 TOY_SIZE = 64  # input resolution of the maps (the model's native 64x64; GEM resamples positions)
 # Every object name the toy model was trained on, as full sentences.
 CLASS_PROMPTS: tuple[str, ...] = tuple(scenes.caption([(c, s)]) for c in scenes.COLORS
@@ -97,7 +97,8 @@ DEMO_EPILOG = """\
 outputs in --out DIR, for each generated scene i:
   scene_<i>.png        the scene itself (64x64)
   scene_<i>_grid.png   the scene and one GEM heatmap per prompt: each object in it, plus one
-                       colour that is not in it (its map should be flat or weak)
+                       colour that is not in it (every map is min-max normalized, so even
+                       that one has a hottest spot: there is nothing right to find)
 
 The model is a toy trained on these scenes (gem_jax/assets/toy_clip): it localizes colours.
 examples:

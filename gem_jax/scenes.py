@@ -152,7 +152,7 @@ def make_scene(rng: np.random.Generator, size: int = DEFAULT_SIZE, n_objects: in
             if all((cx - x) ** 2 + (cy - y) ** 2 >= (r + rr + 2) ** 2 for x, y, rr in placed):
                 placed.append((cx, cy, r))
                 break
-    k = len(placed)  # (never seen below k: the shrinking always makes room)
+    k = len(placed)  # an object that finds no room even shrunk is dropped (rare in practice)
     colors, shapes = colors[:k], shapes[:k]
     masks = np.zeros((k, size, size), bool)
     for i, ((cx, cy, r), col, shp) in enumerate(zip(placed, colors, shapes)):
