@@ -134,6 +134,7 @@ def encode(p, cfg: VisionConfig, pixels, *, gem_depth=7, ss_attn_iter=1, ss_attn
         start = n_layers - (jnp.clip(gem_depth, 2, n_layers + 1) - 1)
     blocks = p["blocks"]
     x = vision.embed(p, cfg, pixels, ex.jnp_dtype)
+    ex = ex.resolve(x.shape[0], x.shape[1], cfg.heads)
 
     def plain(i, x):
         return layers.block(layers.layer(blocks, i), x, cfg.act, cfg.ln_eps, impl=ex.attention)

@@ -13,6 +13,7 @@ LayerNorm statistics and softmax are computed in float32 whatever the compute dt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,11 @@ class Execution:
     attention: "einsum" (explicit products, softmax in float32), or "xla" / "cudnn" through
         `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs; needs bf16/fp16).
     heads_per_step: 0 runs all heads of GEM's self-self attention at once; k > 0 loops over groups
-        of k heads (lax.map), keeping each N×N score matrix in cache (2x faster on CPU).
-    microbatch: 0 runs the whole batch at once; k > 0 loops over chunks of k images (lax.map).
+        of k heads (lax.map), keeping each N×N score matrix in cache (2x faster on CPU at 448 px);
+        -1 chooses from the input size (one head at a time when all heads' scores exceed
+        `cache_bytes`).
+    microbatch: 0 runs the whole batch at once; k > 0 loops over chunks of k images (lax.map);
+        -1 chooses the largest chunk whose attention scores fit in `cache_bytes`.
     dtype: compute dtype; LayerNorm statistics and softmax stay in float32.
     data_parallel: with several devices, shard the batch over all of them (params replicated).
     """
@@ -41,24 +45,35 @@ class Execution:
     microbatch: int = 0
     dtype: str = "float32"
     data_parallel: bool = True
+    cache_bytes: int = 16 << 20
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.heads_per_step < 0 or self.microbatch < 0:
-            raise ValueError("heads_per_step and microbatch must be >= 0")
+        if self.heads_per_step < -1 or self.microbatch < -1:
+            raise ValueError("heads_per_step and microbatch must be >= 0, or -1 for automatic")
 
     @classmethod
     def auto(cls, dtype: str = "float32", backend: str | None = None) -> "Execution":
-        """CPU: one image and one head at a time (cache-resident attention matrices).
-        Accelerators: whole batch, all heads; cuDNN attention when computing in half precision."""
+        """CPU: chunk images and heads so attention matrices stay in cache (resolved per input
+        size).  Accelerators: whole batch, all heads; cuDNN attention in half precision."""
         backend = backend or jax.default_backend()
         if backend == "cpu":
-            return cls(heads_per_step=1, microbatch=1, dtype=dtype)
+            return cls(heads_per_step=-1, microbatch=-1, dtype=dtype)
         fast = backend == "gpu" and dtype in ("bfloat16", "float16")
         return cls(attention="cudnn" if fast else "einsum", dtype=dtype)
+
+    def resolve(self, batch: int, tokens: int, heads: int) -> "Execution":
+        """Concrete chunk sizes for this input (shapes are static under jit)."""
+        scores = heads * tokens * tokens * 4  # bytes of one image's attention scores, all heads
+        hps, mb = self.heads_per_step, self.microbatch
+        if hps == -1:
+            hps = 1 if scores > self.cache_bytes else 0
+        if mb == -1:
+            mb = 1 if hps else max(1, min(batch, self.cache_bytes // scores))
+        return dataclasses.replace(self, heads_per_step=hps, microbatch=mb)
 
     @property
     def jnp_dtype(self):

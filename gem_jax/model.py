@@ -52,6 +52,12 @@ def _microbatched(fn, pixels, microbatch: int):
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:b], out)
 
 
+def _resolve(ex: Execution, cfg: CLIPConfig, pixels) -> Execution:
+    gh, gw = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
+    per_device = -(-pixels.shape[0] // (jax.device_count() if ex.data_parallel else 1))
+    return ex.resolve(per_device, 1 + gh * gw, cfg.vision.heads)
+
+
 def _run_batch(fn, shared, pixels, ex: Execution):
     """fn(shared, pixels) over the batch: in microbatches, and data-parallel over all devices
     (batch sharded, `shared` replicated) when there are several."""
@@ -76,6 +82,8 @@ def image_tokens(params, pixels, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
     gem_depth, ss_attn_iter and ss_attn_temp are traced: changing their values does not recompile.
     ss_attn_temp None selects the adaptive temperature (a separate compilation).
     """
+    ex = _resolve(ex, cfg, pixels)
+
     def fn(sh, px):
         vp, depth, iters, temp = sh
         return gem.encode(vp, cfg.vision, px, gem_depth=depth, ss_attn_iter=iters,
@@ -89,6 +97,7 @@ def heatmaps_fn(params, pixels, text_emb, gem_depth=7, ss_attn_iter=1, ss_attn_t
                 normalize: bool = True, ex: Execution = Execution()):
     """GEM heatmaps [B, P, H, W] (float32) for pixels [B, H, W, 3] and text embeddings [P, E]."""
     grid = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
+    ex = _resolve(ex, cfg, pixels)
 
     def fn(sh, px):
         vp, emb, depth, iters, temp = sh

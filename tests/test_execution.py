@@ -78,6 +78,17 @@ def test_bfloat16_compute_is_close_and_finite(model):
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.95
 
 
+def test_automatic_chunking_follows_the_working_set():
+    auto = Execution.auto(backend="cpu")
+    # ViT-B/16 @448: 12 heads x 785^2 fp32 scores = 30 MB per image -> one image, one head a time.
+    assert auto.resolve(8, 785, 12) == Execution(heads_per_step=1, microbatch=1)
+    # @224: 1.9 MB per image -> all heads, 8 images per step (15 MB).
+    assert auto.resolve(8, 197, 12) == Execution(heads_per_step=0, microbatch=8)
+    assert auto.resolve(3, 197, 12).microbatch == 3
+    gpu = Execution.auto(dtype="bfloat16", backend="gpu")
+    assert gpu.attention == "cudnn" and gpu.resolve(64, 785, 12).microbatch == 0
+
+
 def test_invalid_execution():
     with pytest.raises(ValueError, match="attention must be one of"):
         Execution(attention="flash")

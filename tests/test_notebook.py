@@ -1,4 +1,4 @@
-"""notebooks/quickstart.ipynb runs top to bottom on a tiny local checkpoint (nbclient)."""
+"""notebooks/quickstart.ipynb runs top to bottom on the bundled toy checkpoint (nbclient)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from test_cli import tiny_checkpoint
+from gem_jax.demo import TOY_MODEL_DIR
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
@@ -21,11 +21,10 @@ def test_notebook_committed_without_outputs():
         assert c.outputs == [] and c.execution_count is None, "strip outputs before committing"
 
 
-def test_notebook_executes(tmp_path_factory, monkeypatch):
+def test_notebook_executes(monkeypatch):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
-    ckpt = tiny_checkpoint(tmp_path_factory)
-    monkeypatch.setenv("GEM_JAX_CHECKPOINT", str(ckpt))
+    monkeypatch.setenv("GEM_JAX_CHECKPOINT", str(TOY_MODEL_DIR))
     monkeypatch.setenv("GEM_JAX_SIZE", "64")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     nb = nbformat.read(NOTEBOOK, as_version=4)
