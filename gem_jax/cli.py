@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Sequence
-from .argtypes import finite_float as _finite_float, nonneg_int as _nonneg_int
+from .argtypes import finite_float as _finite_float, int_at_least, nonneg_int as _nonneg_int
 from .argtypes import positive_int as _positive_int, unit_float as _unit_float
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
@@ -66,7 +66,7 @@ def add_gem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_positive_int, default=448, metavar="PX",
                    help="images are resized to PX x PX before the model (default 448, GEM's "
                         "protocol; must be at least the model's patch size)")
-    g.add_argument("--gem-depth", type=int, default=7, metavar="D",
+    g.add_argument("--gem-depth", type=int_at_least(2), default=7, metavar="D",
                    help="GEM modifies the last D-1 blocks (default 7; valid 2..layers+1)")
     g.add_argument("--iters", type=_nonneg_int, default=1, metavar="N",
                    help="self-self attention iterations (default 1)")

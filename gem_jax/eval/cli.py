@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from .classnames import GEM_TEMPLATE, IMAGENET_TEMPLATES, NAME_SETS
 from .datasets import ALIASES, DATASETS
+from ..argtypes import finite_float as _finite_float, int_at_least
 from ..argtypes import nonneg_int as _nonneg_int, positive_float as _positive_float
 from ..argtypes import positive_int as _positive_int
 
@@ -62,20 +62,10 @@ def _threshold(s):
 def _temp(s):
     if s.lower() in ("auto", "adaptive", "none"):
         return None
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'adaptive', got {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"temperature must be finite, got {s!r}")
-    return v
+    return _finite_float(s)
 
 
-def _depth(s):
-    v = _positive_int(s)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"--gem-depth must be >= 2, got {s!r}")
-    return v
+_depth = int_at_least(2)  # GEM modifies the last depth-1 blocks: at least one
 
 
 def _dataset_name(s):
