@@ -13,9 +13,11 @@ LayerNorm statistics and softmax are computed in float32 whatever the compute dt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +52,9 @@ class Execution:
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype must be float32, bfloat16, float16 or float64, "
+                             f"got {self.dtype!r}")
         if self.heads_per_step < -1 or self.microbatch < -1:
             raise ValueError("heads_per_step and microbatch must be >= 0, or -1 for automatic")
 
@@ -83,13 +86,19 @@ class Execution:
 DEFAULT = Execution()
 
 
+def acc_dtype(dtype):
+    """The accumulation dtype for a compute dtype: float32, or float64 when computing in float64
+    (the finite-difference gradient checks run in float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def layer_norm(x, p, eps: float = 1e-5):
     """LayerNorm over the last axis (biased variance, as torch), statistics in float32."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x.dtype))
     mu = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mu).mean(-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + eps)
-    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+    return (y * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)).astype(x.dtype)
 
 
 def activation(x, kind: str):
@@ -100,23 +109,81 @@ def activation(x, kind: str):
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def dense(x, p):
-    y = x @ p["kernel"].astype(x.dtype)
-    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+def einsum(eq: str, a, b):
+    """einsum accumulating in float32 (float64 for float64 inputs), result in a's dtype.
+
+    In bfloat16 this is what makes half precision both exact enough and fast: XLA's CPU and GPU
+    kernels take bf16 operands with an f32 accumulator (`preferred_element_type`)."""
+    return jnp.einsum(eq, a, b, preferred_element_type=acc_dtype(a.dtype)).astype(a.dtype)
+
+
+# ----------------------------------------------------------------------------- dense layers
+# Every learned projection goes through `linear`, the one place a user can intercept (LoRA,
+# quantization, logging): see `intercept_linear`.
+_INTERCEPTORS = threading.local()
+
+
+def _default_linear(name: str, x, w: Params, eq: str):
+    y = einsum(eq, x, w["kernel"].astype(x.dtype))
+    return y + w["bias"].astype(x.dtype) if "bias" in w else y
+
+
+def linear(name: str, x, w: Params, eq: str):
+    """y = einsum(eq, x, w["kernel"]) + w["bias"] — unless an interceptor is installed.
+
+    `name` says which projection this is: "patch_embed", "attn.qkv", "attn.out", "mlp.fc1",
+    "mlp.fc2" or "proj", and `w` is that layer's param dict (one layer's slice of the stacked
+    block params), which may hold extra entries (e.g. LoRA factors) that only an interceptor uses.
+    """
+    stack = getattr(_INTERCEPTORS, "stack", ())
+    fn = _default_linear
+    for f in stack:  # innermost (last installed) is called first and may call `next_fn`
+        fn = (lambda f, nxt: lambda *a: f(nxt, *a))(f, fn)
+    return fn(name, x, w, eq)
+
+
+@contextlib.contextmanager
+def intercept_linear(fn: Callable):
+    """Within the block, every projection calls `fn(next_fn, name, x, w, eq)` instead of the default
+    `next_fn(name, x, w, eq)`.  Interception happens when a function is traced: wrap the call (or
+    the first call of your own jitted function) in the context; a jit cache entry traced outside
+    it is not re-traced.  LoRA on the MLP, with factors stored beside the kernels in the param
+    tree (stacked over layers like every block param, so each layer sees its own slice):
+
+        def lora(next_fn, name, x, w, eq):
+            y = next_fn(name, x, w, eq)
+            if "lora_a" in w:              # lora_a [D, r], lora_b [r, M] in this layer
+                y = y + (x @ w["lora_a"]) @ w["lora_b"]
+            return y
+
+        with gem_jax.layers.intercept_linear(lora):
+            maps = gem_jax.heatmaps_fn(params_with_lora, pixels, emb, cfg=cfg)
+    """
+    stack = getattr(_INTERCEPTORS, "stack", ())
+    _INTERCEPTORS.stack = stack + (fn,)
+    try:
+        yield
+    finally:
+        _INTERCEPTORS.stack = stack
+
+
+def dense(x, p, name: str = "dense"):
+    return linear(name, x, p, "...d,dm->...m")
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-    """x / max(‖x‖, eps), as torch.nn.functional.normalize."""
-    n = jnp.linalg.norm(x.astype(jnp.float32), axis=axis, keepdims=True)
+    """x / max(‖x‖, eps), as torch.nn.functional.normalize (norm accumulated in float32)."""
+    n = jnp.linalg.norm(x.astype(acc_dtype(x.dtype)), axis=axis, keepdims=True)
     return (x / jnp.maximum(n, eps).astype(x.dtype))
 
 
 def block_qkv(p: Params, x, eps: float = 1e-5):
     """h = LN1(x) and the attention projections of h.  x [B,N,D] → h [B,N,D], q,k,v [B,H,N,K]."""
     h = layer_norm(x, p["ln1"], eps)
-    w = p["attn"]["qkv"]  # kernel [3, D, H, K], bias [3, H, K]
-    qkv = jnp.einsum("bnd,tdhk->tbhnk", h, w["kernel"].astype(h.dtype))
-    qkv = qkv + w["bias"].astype(h.dtype)[:, None, :, None, :]
+    # kernel [3, D, H, K], bias [3, H, K]; broadcast the bias over batch and tokens.
+    w = p["attn"]["qkv"]
+    wb = dict(w, bias=w["bias"][:, None, :, None, :])
+    qkv = linear("attn.qkv", h, wb, "bnd,tdhk->tbhnk")
     return h, qkv[0], qkv[1], qkv[2]
 
 
@@ -127,24 +194,24 @@ def dot_product_attention(q, k, v, scale: float, impl: str):
 
 
 def attention(q, k, v, mask=None, impl: str = "einsum"):
-    """softmax(q kᵀ / √K + mask) v, softmax in float32.  q,k,v [B,H,N,K] → [B,H,N,K]."""
+    """softmax(q kᵀ / √K + mask) v; scores and softmax in float32.  q,k,v [B,H,N,K] → [B,H,N,K]."""
     if impl != "einsum" and mask is None:
         return dot_product_attention(q, k, v, q.shape[-1] ** -0.5, impl)
-    s = jnp.einsum("bhnk,bhmk->bhnm", q * (q.shape[-1] ** -0.5), k).astype(jnp.float32)
+    s = jnp.einsum("bhnk,bhmk->bhnm", q * (q.shape[-1] ** -0.5), k,
+                   preferred_element_type=acc_dtype(q.dtype))
     if mask is not None:
         s = s + mask
     a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhnm,bhmk->bhnk", a, v)
+    return einsum("bhnm,bhmk->bhnk", a, v)
 
 
 def out_proj(p: Params, o):
     """Merge heads and project: o [B,H,N,K] → [B,N,D]."""
-    w = p["attn"]["out"]  # kernel [H, K, D], bias [D]
-    return jnp.einsum("bhnk,hkd->bnd", o, w["kernel"].astype(o.dtype)) + w["bias"].astype(o.dtype)
+    return linear("attn.out", o, p["attn"]["out"], "bhnk,hkd->bnd")
 
 
 def mlp(p: Params, x, act: str):
-    return dense(activation(dense(x, p["fc1"]), act), p["fc2"])
+    return dense(activation(dense(x, p["fc1"], "mlp.fc1"), act), p["fc2"], "mlp.fc2")
 
 
 def block_finish(p: Params, x, q, k, v, act: str, eps: float = 1e-5, mask=None,
@@ -162,11 +229,3 @@ def block(p: Params, x, act: str, eps: float = 1e-5, mask=None, impl: str = "ein
 def layer(stacked: Params, i):
     """Parameters of layer i from the stacked [L, ...] block params (i may be traced)."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
-
-
-def run_blocks(stacked: Params, x, act: str, eps: float = 1e-5, mask=None):
-    """All blocks under lax.scan, so compile time does not grow with depth."""
-    def body(x, p):
-        return block(p, x, act, eps, mask), None
-    x, _ = jax.lax.scan(body, x, stacked)
-    return x

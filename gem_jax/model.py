@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import gem, text, vision
+from . import maps as _maps
 from .config import CLIPConfig, VisionConfig
 from .layers import Execution
 from .convert import CheckpointError, load_checkpoint
@@ -39,73 +40,138 @@ def encode_text(params, ids, *, cfg: CLIPConfig):
     return text.encode(params["text"], cfg.text, ids)
 
 
-def _microbatched(fn, pixels, microbatch: int):
-    """Apply fn to pixels in chunks of `microbatch` images with lax.map (bounded working set:
-    one ViT-B/16 @448 score tensor is 30 MB per image); 0 = the whole batch at once."""
+def bucket(n: int, minimum: int = 8) -> int:
+    """Padded size for n prompts/texts: the next power of two, at least `minimum`, so that prompt
+    counts 1..8 share one compilation (9..16 the next, ...)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _microbatched(fn, per_image, pixels, microbatch: int):
+    """fn(per_image, pixels) in chunks of `microbatch` images with lax.map (bounded working set:
+    one ViT-B/16 @448 score tensor is 30 MB per image); 0 = the whole batch at once.
+    per_image: a pytree of arrays with the batch as leading axis, chunked with the pixels."""
     b = pixels.shape[0]
     if not microbatch or microbatch >= b:
-        return fn(pixels)
+        return fn(per_image, pixels)
     pad = (-b) % microbatch
-    xs = jnp.pad(pixels, ((0, pad), (0, 0), (0, 0), (0, 0)))
-    xs = xs.reshape((-1, microbatch) + pixels.shape[1:])
-    out = jax.lax.map(fn, xs)
+    chunk = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(
+        (-1, microbatch) + a.shape[1:])
+    out = jax.lax.map(lambda a: fn(*a), jax.tree.map(chunk, (per_image, pixels)))
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:b], out)
 
 
 def _resolve(ex: Execution, cfg: CLIPConfig, pixels) -> Execution:
     gh, gw = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
-    per_device = -(-pixels.shape[0] // (jax.device_count() if ex.data_parallel else 1))
+    per_device = -(-pixels.shape[0] // (jax.local_device_count() if ex.data_parallel else 1))
     return ex.resolve(per_device, 1 + gh * gw, cfg.vision.heads)
 
 
-def _run_batch(fn, shared, pixels, ex: Execution):
-    """fn(shared, pixels) over the batch: in microbatches, and data-parallel over all devices
-    (batch sharded, `shared` replicated) when there are several."""
-    n = jax.device_count()
+def _run_batch(fn, shared, per_image, pixels, ex: Execution):
+    """fn(shared, per_image, pixels) over the batch: in microbatches, and data-parallel over the
+    devices this process addresses (batch and per-image values sharded, `shared` replicated).
+    Only local devices: the pixels are this process's own, so with several processes each one
+    computes its share without cross-host traffic."""
+    devices = jax.local_devices()
+    n = len(devices)
+    local = lambda sh, per, px: _microbatched(lambda pr, p: fn(sh, pr, p), per, px, ex.microbatch)
     if n == 1 or not ex.data_parallel:
-        return _microbatched(lambda px: fn(shared, px), pixels, ex.microbatch)
+        return local(shared, per_image, pixels)
     from jax.sharding import Mesh, PartitionSpec as P
     b = pixels.shape[0]
-    px = jnp.pad(pixels, ((0, (-b) % n), (0, 0), (0, 0), (0, 0)))
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    local = lambda sh, x: _microbatched(lambda p: fn(sh, p), x, ex.microbatch)
-    out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))(shared, px)
+    pad = lambda a: jnp.pad(a, ((0, (-b) % n),) + ((0, 0),) * (a.ndim - 1))
+    per_image, px = jax.tree.map(pad, (per_image, pixels))
+    mesh = Mesh(np.array(devices), ("data",))
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                        out_specs=P("data"))(shared, per_image, px)
     return jax.tree.map(lambda a: a[:b], out)
 
 
-@partial(jax.jit, static_argnames=("cfg", "branches", "with_ori", "ex"))
+def _split_knobs(method, knobs: dict, batch: int):
+    """(shared, per_image): knobs the method allows per image that hold one value per image
+    (ndim ≥ 1) travel with their images through microbatching and sharding."""
+    shared, per = {}, {}
+    for k, v in knobs.items():
+        if v is not None and k in method.per_image and jnp.ndim(v) >= 1:
+            if jnp.shape(v) != (batch,):
+                raise ValueError(f"{k} has shape {tuple(jnp.shape(v))}: give a scalar or one value "
+                                 f"per image ({batch} images)")
+            per[k] = v
+        else:
+            shared[k] = v
+    return shared, per
+
+
+def _dense_impl(params, pixels, knobs, text_emb, *, cfg, method, with_ori, use_ori, maps,
+                normalize, ex):
+    """The one image path: tower + method → (dense, original) tokens, or → maps."""
+    ex = _resolve(ex, cfg, pixels)
+    grid = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
+    shared, per = _split_knobs(method, knobs, pixels.shape[0])
+    if text_emb is not None and text_emb.ndim == 3:  # one prompt set per image
+        per = dict(per, _text=text_emb)
+    else:
+        shared = dict(shared, _text=text_emb)
+
+    def fn(sh, pr, px):
+        kn = {**sh, **pr}
+        emb = kn.pop("_text")
+        out = vision.encode(params["vision"], cfg.vision, px, method=method, knobs=kn,
+                            with_ori=with_ori or use_ori, ex=ex)
+        if not maps:
+            return out["dense"], out.get("tokens")
+        return heatmaps_from_tokens(out["tokens"] if use_ori else out["dense"], emb, grid,
+                                    tuple(pixels.shape[1:3]), normalize)
+    return _run_batch(fn, shared, per, pixels, ex)
+
+
+heatmaps_from_tokens = _maps.heatmaps
+
+
+@partial(jax.jit, static_argnames=("cfg", "method", "with_ori", "ex"))
+def dense_tokens(params, pixels, knobs, *, cfg: CLIPConfig, method, with_ori: bool = False,
+                 ex: Execution = Execution()):
+    """(method tokens, original tokens or None), each [B, 1+N, E], for any dense method:
+    `method` a static method object (`gem_jax.methods.get(name)`), `knobs` its traced knobs."""
+    return _dense_impl(params, pixels, knobs, None, cfg=cfg, method=method, with_ori=with_ori,
+                       use_ori=False, maps=False, normalize=False, ex=ex)
+
+
+@partial(jax.jit, static_argnames=("cfg", "method", "use_ori", "normalize", "ex"))
+def dense_heatmaps(params, pixels, text_emb, knobs, *, cfg: CLIPConfig, method,
+                   use_ori: bool = False, normalize: bool = True, ex: Execution = Execution()):
+    """Heatmaps [B, P, H, W] (float32) of any dense method; text_emb [P, E] or [B, P, E]."""
+    return _dense_impl(params, pixels, knobs, text_emb, cfg=cfg, method=method, with_ori=False,
+                       use_ori=use_ori, maps=True, normalize=normalize, ex=ex)
+
+
+def _gem_knobs(gem_depth, ss_attn_iter, ss_attn_temp):
+    return dict(gem_depth=gem_depth, ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp)
+
+
+@partial(jax.jit, static_argnames=("cfg", "branches", "with_ori", "max_iter", "ex"))
 def image_tokens(params, pixels, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
                  cfg: CLIPConfig, branches=gem.BRANCHES, with_ori: bool = True,
-                 ex: Execution = Execution()):
+                 max_iter: int = gem.MAX_ITER, ex: Execution = Execution()):
     """(gem, original) projected token features, each [B, 1+N, E] (original None without with_ori).
 
-    gem_depth, ss_attn_iter and ss_attn_temp are traced: changing their values does not recompile.
-    ss_attn_temp None selects the adaptive temperature (a separate compilation).
-    """
-    ex = _resolve(ex, cfg, pixels)
-
-    def fn(sh, px):
-        vp, depth, iters, temp = sh
-        return gem.encode(vp, cfg.vision, px, gem_depth=depth, ss_attn_iter=iters,
-                          ss_attn_temp=temp, branches=branches, with_ori=with_ori, ex=ex)
-    return _run_batch(fn, (params["vision"], gem_depth, ss_attn_iter, ss_attn_temp), pixels, ex)
+    gem_depth, ss_attn_iter and ss_attn_temp are traced: changing their values does not recompile
+    (ss_attn_temp None selects the adaptive temperature, a separate compilation; a traced
+    ss_attn_iter above the static `max_iter` gives NaN, as do depths outside [2, L+1])."""
+    return _dense_impl(params, pixels, _gem_knobs(gem_depth, ss_attn_iter, ss_attn_temp), None,
+                       cfg=cfg, method=gem.GEM(branches, max_iter), with_ori=with_ori,
+                       use_ori=False, maps=False, normalize=False, ex=ex)
 
 
-@partial(jax.jit, static_argnames=("cfg", "branches", "use_ori", "normalize", "ex"))
+@partial(jax.jit, static_argnames=("cfg", "branches", "use_ori", "normalize", "max_iter", "ex"))
 def heatmaps_fn(params, pixels, text_emb, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
                 cfg: CLIPConfig, branches=gem.BRANCHES, use_ori: bool = False,
-                normalize: bool = True, ex: Execution = Execution()):
-    """GEM heatmaps [B, P, H, W] (float32) for pixels [B, H, W, 3] and text embeddings [P, E]."""
-    grid = vision.patch_grid(cfg.vision, pixels.shape[1], pixels.shape[2])
-    ex = _resolve(ex, cfg, pixels)
-
-    def fn(sh, px):
-        vp, emb, depth, iters, temp = sh
-        g, o = gem.encode(vp, cfg.vision, px, gem_depth=depth, ss_attn_iter=iters,
-                          ss_attn_temp=temp, branches=branches, with_ori=use_ori, ex=ex)
-        return gem.heatmaps(o if use_ori else g, emb, grid, pixels.shape[1:3], normalize)
-    shared = (params["vision"], text_emb, gem_depth, ss_attn_iter, ss_attn_temp)
-    return _run_batch(fn, shared, pixels, ex)
+                normalize: bool = True, max_iter: int = gem.MAX_ITER, ex: Execution = Execution()):
+    """GEM heatmaps [B, P, H, W] (float32) for pixels [B, H, W, 3] and text embeddings [P, E]
+    (or [B, P, E], one prompt set per image).  Differentiable w.r.t. params, pixels, text_emb
+    and ss_attn_temp; the knobs are traced (see `image_tokens`)."""
+    return _dense_impl(params, pixels, _gem_knobs(gem_depth, ss_attn_iter, ss_attn_temp),
+                       text_emb, cfg=cfg, method=gem.GEM(branches, max_iter), with_ori=False,
+                       use_ori=use_ori, maps=True, normalize=normalize, ex=ex)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -173,10 +239,29 @@ def _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp):
     return jnp.asarray(gem_depth, jnp.int32), jnp.asarray(ss_attn_iter, jnp.int32), t
 
 
+def _max_iter(ss_attn_iter) -> int:
+    """Static bound of the masked iteration loop: 8, or the next power of two above a larger
+    concrete count (so a sweep over 0..8 compiles once)."""
+    if isinstance(ss_attn_iter, (int, np.integer)) and ss_attn_iter > gem.MAX_ITER:
+        return bucket(int(ss_attn_iter), gem.MAX_ITER)
+    return gem.MAX_ITER
+
+
+def _is_tracer(tree) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
+
+
 # ----------------------------------------------------------------------------- model object
 class GEMModel:
     """A loaded CLIP model with GEM methods.  Holds `config`, `params` (nested dict of arrays)
-    and `tokenizer`; see the module-level pure functions for the jittable pieces."""
+    and `tokenizer`; see the module-level pure functions for the jittable pieces.
+
+    Every method works inside jax.jit, vmap and grad (pixels, knobs and even `params` may be
+    traced).  Text embeddings are cached only when computed from concrete params, keyed by the
+    texts and by the identity of the text-tower arrays, so a params swap never returns stale
+    embeddings and no tracer is ever stored."""
+
+    _TEXT_CACHE_SIZE = 64
 
     def __init__(self, config: CLIPConfig, params, tokenizer: CLIPTokenizer, source: str = "",
                  execution: Execution | None = None):
@@ -213,16 +298,27 @@ class GEMModel:
                             ex=self.execution)
 
     def encode_text(self, texts):
-        """Projected text embeddings [T, E] of texts used verbatim (no template), not normalized."""
+        """Projected text embeddings [T, E] of texts used verbatim (no template), not normalized.
+
+        Texts are padded to a bucket of `bucket(T)` rows, so counts 1..8 share one compilation."""
         texts = check_prompts(texts, "texts")
+        tp = self.params["text"]
+        leaves = jax.tree.leaves(tp)
         key = tuple(texts)
-        if key in self._text_cache:
+        hit = self._text_cache.get(key)
+        if hit is not None and len(hit[0]) == len(leaves) and all(
+                a is b for a, b in zip(hit[0], leaves)):
             self._text_cache.move_to_end(key)
-            return self._text_cache[key]
-        emb = encode_text(self.params, jnp.asarray(self.tokenize(texts)), cfg=self.config)
-        self._text_cache[key] = emb
-        if len(self._text_cache) > 64:
-            self._text_cache.popitem(last=False)
+            return hit[1]
+        ids = self.tokenize(texts)
+        n = len(texts)
+        ids = np.concatenate([ids, np.repeat(ids[:1], bucket(n) - n, axis=0)])
+        emb = encode_text(self.params, jnp.asarray(ids), cfg=self.config)[:n]
+        if not _is_tracer(leaves) and not isinstance(emb, jax.core.Tracer):
+            # The cache holds the arrays it was computed from: identity cannot be reused.
+            self._text_cache[key] = (leaves, emb)
+            if len(self._text_cache) > self._TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
         return emb
 
     # -- GEM
@@ -233,7 +329,7 @@ class GEMModel:
         check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
         return image_tokens(self.params, pixels, *_knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp),
                             cfg=self.config, branches=gem.check_branches(branches),
-                            ex=execution or self.execution)
+                            max_iter=_max_iter(ss_attn_iter), ex=execution or self.execution)
 
     def _prompt_embeddings(self, prompts, template):
         if template is not None and "{}" not in template:
@@ -249,7 +345,10 @@ class GEMModel:
         prompts: a list of strings shared by all images → array [B, P, H, W]; or a list of lists,
         one per image → list of [P_i, H, W] arrays.  Min-max normalized per map if `normalize`
         (a constant map gives zeros); raw cosine similarities otherwise.  `return_ori` uses the
-        original CLIP tokens instead of GEM's.
+        original CLIP tokens instead of GEM's.  ss_attn_temp may be one value per image ([B]).
+
+        Prompts are padded to `bucket(P)` (powers of two, at least 8) with a mask, so prompt
+        counts 1..8 -- shared or ragged, in any mix -- run one compiled function.
         """
         pixels = check_pixels(pixels, self.config.vision)
         check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
@@ -264,24 +363,26 @@ class GEMModel:
         else:
             flat = check_prompts(prompts)
         emb = self._prompt_embeddings(flat, template)
-        ex = execution or self.execution
-        kw = dict(cfg=self.config, branches=gem.check_branches(branches), use_ori=return_ori, ex=ex)
-        knobs = _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp)
-        if not ragged:
-            return heatmaps_fn(self.params, pixels, emb, *knobs, normalize=normalize, **kw)
-        # Ragged: one image pass, raw similarities on the patch grid for every prompt, then each
-        # image keeps its own prompts (upsampled and normalized per map).
-        tokens = image_tokens(self.params, pixels, *knobs, cfg=self.config, branches=kw["branches"],
-                              with_ori=return_ori, ex=ex)
-        tok = tokens[1] if return_ori else tokens[0]
-        grid = vision.patch_grid(self.config.vision, pixels.shape[1], pixels.shape[2])
-        out, start = [], 0
-        for i, ps in enumerate(per_image):
-            sims = _maps_from_tokens(tok[i:i + 1], emb[start:start + len(ps)], grid,
-                                     tuple(pixels.shape[1:3]), normalize)
-            out.append(sims[0])
-            start += len(ps)
-        return out
+        if ragged:
+            # One prompt set per image, padded with zero embeddings (their maps are dropped).
+            width = bucket(max(len(ps) for ps in per_image))
+            idx = np.zeros((len(per_image), width), np.int32)
+            mask = np.zeros((len(per_image), width), bool)
+            start = 0
+            for i, ps in enumerate(per_image):
+                idx[i, :len(ps)] = np.arange(start, start + len(ps))
+                mask[i, :len(ps)] = True
+                start += len(ps)
+            emb = jnp.where(mask[..., None], emb[idx], 0)
+        else:
+            emb = jnp.pad(emb, ((0, bucket(len(flat)) - len(flat)), (0, 0)))
+        maps = heatmaps_fn(self.params, pixels, emb, *_knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp),
+                           cfg=self.config, branches=gem.check_branches(branches),
+                           use_ori=return_ori, normalize=normalize,
+                           max_iter=_max_iter(ss_attn_iter), ex=execution or self.execution)
+        if ragged:
+            return [maps[i, :len(ps)] for i, ps in enumerate(per_image)]
+        return maps[:, :len(flat)]
 
     def segment(self, pixels, class_names, *, background_threshold=None, normalize=True,
                 template=DEFAULT_TEMPLATE, **gem_knobs):
@@ -297,12 +398,7 @@ class GEMModel:
                 and all(isinstance(c, (list, tuple)) for c in class_names):
             raise TypeError("segment takes one list of class names shared by all images")
         scores = self.heatmaps(pixels, class_names, normalize=normalize, template=template, **gem_knobs)
-        return gem.segment_from_scores(scores, background_threshold)
-
-
-@partial(jax.jit, static_argnames=("grid", "out_hw", "normalize"))
-def _maps_from_tokens(tokens, text_emb, grid, out_hw, normalize):
-    return gem.heatmaps(tokens, text_emb, grid, out_hw, normalize)
+        return _maps.segment_from_scores(scores, background_threshold)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:

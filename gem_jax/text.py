@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from . import layers
+from . import layers, tower
 from .config import TextConfig
 
 
@@ -33,7 +33,8 @@ def encode(p, cfg: TextConfig, ids, *, return_tokens: bool = False):
     if c > cfg.context_length:
         raise ValueError(f"{c} tokens exceed the text context length {cfg.context_length}")
     x = p["token_embed"][ids] + p["pos_embed"][:c]
-    x = layers.run_blocks(p["blocks"], x, cfg.act, cfg.ln_eps, mask=causal_mask(c))
+    x, _, _ = tower.run(p["blocks"], x, cfg, mask=causal_mask(c))
     x = layers.layer_norm(x, p["ln_final"], cfg.ln_eps)
-    pooled = x[jnp.arange(x.shape[0]), eot_index(cfg, ids)] @ p["proj"].astype(x.dtype)
+    pooled = layers.linear("proj", x[jnp.arange(x.shape[0]), eot_index(cfg, ids)],
+                           {"kernel": p["proj"]}, "td,de->te")
     return (pooled, x) if return_tokens else pooled

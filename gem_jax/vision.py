@@ -5,7 +5,7 @@ grid is (H // P, W // P) (trailing pixels dropped, as a stride-P convolution doe
 positional embedding is resampled to it with torch's antialiased bicubic arithmetic.
 
     x = LN_pre([cls; patches·W_patch] + pos)        [B, 1+N, D]
-    x = blocks(x)                                   lax.scan over L
+    x = blocks(x)                                   gem_jax.tower.run (lax.scan over L)
     tokens = LN_post(x) · proj                      [B, 1+N, E]   (every token: GEM needs patches)
     pooled = tokens[:, 0]                           what CLIP calls the image embedding
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import layers
+from . import layers, tower
 from .config import VisionConfig
 from .resample import resample_pos_embed
 
@@ -44,7 +44,8 @@ def embed(p, cfg: VisionConfig, pixels, dtype=None):
     ps = cfg.patch_size
     x = pixels[:, : gh * ps, : gw * ps, :].reshape(b, gh, ps, gw, ps, 3)
     # A stride-P convolution is a matmul over (row-in-patch, col-in-patch, channel).
-    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, p["patch_embed"].astype(x.dtype)).reshape(b, gh * gw, -1)
+    x = layers.linear("patch_embed", x, {"kernel": p["patch_embed"]}, "bhpwqc,pqcd->bhwd")
+    x = x.reshape(b, gh * gw, -1)
     cls = jnp.broadcast_to(p["cls"].astype(x.dtype), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + pos_embed(p, cfg, (gh, gw)).astype(x.dtype)
     return layers.layer_norm(x, p["ln_pre"], cfg.ln_eps)
@@ -52,28 +53,36 @@ def embed(p, cfg: VisionConfig, pixels, dtype=None):
 
 def head(p, cfg: VisionConfig, x):
     """LN_post then projection, on every token.  [B, 1+N, D] → [B, 1+N, E]."""
-    return layers.layer_norm(x, p["ln_post"], cfg.ln_eps) @ p["proj"].astype(x.dtype)
+    return layers.linear("proj", layers.layer_norm(x, p["ln_post"], cfg.ln_eps), {"kernel": p["proj"]},
+                         "bnd,de->bne")
 
 
-def encode(p, cfg: VisionConfig, pixels, *, return_blocks: bool = False,
-           ex: layers.Execution = layers.DEFAULT):
-    """Run the tower.  Returns a dict:
+def encode(p, cfg: VisionConfig, pixels, *, method=None, knobs=None, with_ori: bool = True,
+           return_blocks: bool = False, ex: layers.Execution = layers.DEFAULT):
+    """Run the tower, with an optional dense method (GEM, ...) beside the original stream.
 
-    tokens [B,1+N,E] (LN_post + proj of every token), pooled [B,E] (= tokens[:, 0]),
-    hidden [B,1+N,D] (last block output), and with `return_blocks` the per-block
-    values GEM-style methods consume, stacked over layers: x (block input) [L,B,1+N,D],
-    h (= LN1(x)) [L,B,1+N,D], q, k, v [L,B,H,1+N,K].
+    Returns a dict: tokens [B,1+N,E] (LN_post + proj of every original token), pooled [B,E]
+    (= tokens[:, 0], CLIP's image embedding), hidden [B,1+N,D] (last block output); with a
+    method, dense [B,1+N,E] (its stream through LN_post + proj; NaN where its traced knobs are
+    out of range), and without `with_ori` no original tokens (the last block's attention output
+    and MLP are skipped: the methods only need that block's q, k, v).  With `return_blocks`,
+    blocks = the per-block values methods consume, stacked over layers: x (block input)
+    [L,B,1+N,D], h (= LN1(x)) [L,B,1+N,D], q, k, v [L,B,H,1+N,K].
     """
     x = embed(p, cfg, pixels, ex.jnp_dtype)
-
-    def body(x, bp):
-        h, q, k, v = layers.block_qkv(bp, x, cfg.ln_eps)
-        out = layers.block_finish(bp, x, q, k, v, cfg.act, cfg.ln_eps, impl=ex.attention)
-        return out, (dict(x=x, h=h, q=q, k=k, v=v) if return_blocks else None)
-
-    x, blocks = jax.lax.scan(body, x, p["blocks"])
-    tokens = head(p, cfg, x)
-    out = dict(tokens=tokens, pooled=tokens[:, 0], hidden=x)
+    finish_last = with_ori or method is None
+    x, s, blocks = tower.run(p["blocks"], x, cfg, impl=ex.attention, method=method, knobs=knobs,
+                             ex=ex, collect=return_blocks, finish_last=finish_last)
+    out = {}
+    if finish_last:
+        out["tokens"] = head(p, cfg, x)
+        out["pooled"] = out["tokens"][:, 0]
+        out["hidden"] = x
+    if method is not None:
+        dense = head(p, cfg, s)
+        ok = method.valid(cfg.layers, knobs)
+        out["dense"] = jnp.where(jnp.reshape(ok, jnp.shape(ok) + (1,) * (3 - jnp.ndim(ok))),
+                                 dense, jnp.nan)
     if return_blocks:
         out["blocks"] = blocks
     return out
