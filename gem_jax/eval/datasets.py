@@ -36,7 +36,8 @@ from PIL import Image
 from .classnames import CLASSES
 
 __all__ = ["DatasetError", "DatasetSpec", "Sample", "DATASETS", "ALIASES", "get_dataset",
-           "load_label", "load_image"]
+           "load_label", "load_image", "POINT_DATASETS", "POINT_ALIASES", "get_point_dataset",
+           "is_point_dataset"]
 
 
 class DatasetError(RuntimeError):
@@ -193,12 +194,43 @@ ALIASES = {
 }
 
 
+# Point-label datasets: no label maps, a p-mIoU over annotated points instead of mIoU (see
+# gem_jax.eval.oiv7); evaluated with gem_jax.eval.runner.evaluate_points.
+POINT_DATASETS = {"oiv7-points": "validation", "oiv7-points-test": "test"}
+POINT_ALIASES = {"oiv7": "oiv7-points", "oiv7_points": "oiv7-points", "openimages": "oiv7-points",
+                 "openimages-v7-points": "oiv7-points", "oiv7_points_test": "oiv7-points-test"}
+
+
+def _point_key(name: str) -> str | None:
+    key = name.strip().lower()
+    key = POINT_ALIASES.get(key, key)
+    return key if key in POINT_DATASETS else None
+
+
+def is_point_dataset(name: str) -> bool:
+    return _point_key(name) is not None
+
+
+def get_point_dataset(name: str):
+    """The `gem_jax.eval.oiv7.OIV7Points` split registered as `name` (e.g. "oiv7-points")."""
+    key = _point_key(name)
+    if key is None:
+        raise KeyError(f"unknown point dataset {name!r}; known: {', '.join(POINT_DATASETS)} "
+                       f"(aliases: {', '.join(sorted(POINT_ALIASES))})")
+    from .oiv7 import OIV7Points  # oiv7 imports DatasetError from here
+    return OIV7Points(split=POINT_DATASETS[key], name=key)
+
+
 def get_dataset(name: str) -> DatasetSpec:
     key = name.strip().lower().replace("-", "_")
     key = ALIASES.get(key, ALIASES.get(name.strip().lower(), key))
     if key not in DATASETS:
+        if is_point_dataset(name):
+            raise KeyError(f"{name!r} is a point-label dataset (p-mIoU, not mIoU): evaluate it with "
+                           f"gem_jax.eval.runner.evaluate_points and a PointProtocol")
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} "
-                       f"(aliases: {', '.join(sorted(ALIASES))})")
+                       f"(aliases: {', '.join(sorted(ALIASES))}); point-label datasets: "
+                       f"{', '.join(POINT_DATASETS)}")
     return DATASETS[key]
 
 

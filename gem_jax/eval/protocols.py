@@ -41,7 +41,8 @@ from ..preprocess import preprocess
 from ..resample import interp_matrix
 from .classnames import GEM_TEMPLATE, IMAGENET_TEMPLATES
 
-__all__ = ["GEMProtocol", "SlidingProtocol", "PROTOCOLS", "BACKGROUND_MODES", "classify",
+__all__ = ["GEMProtocol", "SlidingProtocol", "PointProtocol", "PROTOCOLS", "BACKGROUND_MODES",
+           "classify",
            "build_queries", "rescale_size", "window_boxes", "pad_amounts", "slide_inference",
            "resize_maps", "text_embeddings"]
 
@@ -381,3 +382,62 @@ def default_stride(crop: int) -> int:
 
 
 PROTOCOLS = {"gem": GEMProtocol, "sliding": SlidingProtocol}
+
+
+class PointProtocol:
+    """GEM on point labels (OpenImages V7, `gem_jax.eval.oiv7`): every image resized to
+    size×size (PIL bicubic, GEM's preprocessing), one template, one GEM heatmap per class that has
+    points on the image, min-max normalized per map (upstream GEM's heatmaps; ``normalize=False``
+    keeps raw cosines), a point positive when its class's map exceeds `threshold` at it.
+
+    The maps are sampled at size×size: a normalized point (X, Y) falls on the same place of the
+    resized image as of the original, so no upsampling to the original size is needed.  Prompts
+    are the classes' display names (`lowercase` optional).  The default threshold 0.5 is LeGrad's
+    (same authors as GEM); GEM's own value is not published with code (WalBouss/GEM#5).
+    """
+    name = "points"
+
+    def __init__(self, model, *, size: int = 448, template: str | None = GEM_TEMPLATE,
+                 threshold: float = 0.5, normalize: bool = True, lowercase: bool = False,
+                 gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, use_ori: bool = False,
+                 batch_size: int | None = None):
+        if not 0.0 <= float(threshold) <= 1.0 and normalize:
+            raise ValueError(f"threshold must be in [0, 1] for min-max normalized maps, got {threshold}")
+        if template is not None and "{}" not in template:
+            raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")
+        check_knobs(model.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
+        self.model = model
+        self.size = int(size)
+        vision.patch_grid(model.config.vision, self.size, self.size)
+        self.template = template
+        self.threshold = float(threshold)
+        self.normalize = bool(normalize)
+        self.lowercase = bool(lowercase)
+        self.gem_depth, self.ss_attn_iter, self.ss_attn_temp = gem_depth, ss_attn_iter, ss_attn_temp
+        self.use_ori = bool(use_ori)
+        self.images_per_step = int(batch_size or (1 if jax.default_backend() == "cpu" else 8))
+
+    def prompt(self, display_name: str) -> str:
+        return display_name.lower() if self.lowercase else display_name
+
+    def maps_batch(self, images, prompt_lists) -> list[np.ndarray]:
+        """Per image, its classes' heatmaps [P_i, size, size] (float32)."""
+        if len(images) != len(prompt_lists):
+            raise ValueError("one prompt list per image")
+        pixels = self.model.preprocess(list(images), size=self.size)
+        maps = self.model.heatmaps(pixels, [[self.prompt(p) for p in ps] for ps in prompt_lists],
+                                   gem_depth=self.gem_depth, ss_attn_iter=self.ss_attn_iter,
+                                   ss_attn_temp=self.ss_attn_temp, normalize=self.normalize,
+                                   return_ori=self.use_ori, template=self.template)
+        return [np.asarray(m, np.float32) for m in maps]
+
+    def knobs(self) -> dict:
+        return {
+            "protocol": self.name, "size": self.size, "template": self.template,
+            "threshold": self.threshold, "scores": "minmax" if self.normalize else "cosine",
+            "lowercase": self.lowercase, "gem_depth": self.gem_depth,
+            "ss_attn_iter": self.ss_attn_iter,
+            "ss_attn_temp": "adaptive" if self.ss_attn_temp is None else float(self.ss_attn_temp),
+            "tokens": "original" if self.use_ori else "gem",
+            "resize": "PIL bicubic to size x size; points sampled at size x size",
+        }
