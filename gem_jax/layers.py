@@ -167,6 +167,12 @@ def intercept_linear(fn: Callable):
         _INTERCEPTORS.stack = stack
 
 
+def interceptors() -> tuple:
+    """The installed linear interceptors (a hashable tuple: part of our jitted functions' cache
+    keys, so a function traced without an interceptor is never reused under one)."""
+    return getattr(_INTERCEPTORS, "stack", ())
+
+
 def dense(x, p, name: str = "dense"):
     return linear(name, x, p, "...d,dm->...m")
 

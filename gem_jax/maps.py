@@ -16,13 +16,14 @@ from .resample import resize
 
 
 def patch_similarity(tokens, text_emb, grid: tuple[int, int]):
-    """Cosine similarity of patch tokens with text embeddings, in float32.
+    """Cosine similarity of patch tokens with text embeddings, in float32 (float64 for float64).
 
     tokens [B, 1+N, E] (class token first), text_emb [P, E] (shared) or [B, P, E] (per image)
     → [B, P, gh, gw].
     """
-    img = layers.l2_normalize(tokens[:, 1:].astype(jnp.float32))
-    txt = layers.l2_normalize(text_emb.astype(jnp.float32))
+    acc = layers.acc_dtype(tokens.dtype)
+    img = layers.l2_normalize(tokens[:, 1:].astype(acc))
+    txt = layers.l2_normalize(text_emb.astype(acc))
     eq = "bne,pe->bpn" if txt.ndim == 2 else "bne,bpe->bpn"
     s = jnp.einsum(eq, img, txt, precision=jax.lax.Precision.HIGHEST)
     return s.reshape(s.shape[:2] + tuple(grid))

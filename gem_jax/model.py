@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+import functools
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import gem, text, vision
+from . import gem, layers, text, vision
 from . import maps as _maps
 from .config import CLIPConfig, VisionConfig
 from .layers import Execution
@@ -28,16 +29,36 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 # ----------------------------------------------------------------------------- pure jitted functions
-@partial(jax.jit, static_argnames=("cfg", "ex"))
+def _jit(static_argnames=()):
+    """jax.jit whose cache is also keyed by the installed `layers.intercept_linear` functions
+    (interception happens at trace time: a trace made without them must not be reused)."""
+    def wrap(fn):
+        def keyed(*args, _linear=(), **kwargs):
+            return fn(*args, **kwargs)
+        jitted = jax.jit(keyed, static_argnames=tuple(static_argnames) + ("_linear",))
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return jitted(*args, _linear=layers.interceptors(), **kwargs)
+        call._cache_size = jitted._cache_size
+        call.lower = lambda *a, **k: jitted.lower(*a, _linear=layers.interceptors(), **k)
+        return call
+    return wrap
+
+
+@_jit(static_argnames=("cfg", "ex"))
 def encode_image(params, pixels, *, cfg: CLIPConfig, ex: Execution = Execution()):
     """Pooled, projected image embeddings [B, E] (CLIP's image features, not normalized)."""
     return vision.encode(params["vision"], cfg.vision, pixels, ex=ex)["pooled"]
 
 
-@partial(jax.jit, static_argnames=("cfg",))
+@_jit(static_argnames=("cfg",))
 def encode_text(params, ids, *, cfg: CLIPConfig):
     """Projected text embeddings [T, E] from token ids [T, C] (not normalized)."""
     return text.encode(params["text"], cfg.text, ids)
+
+
+TEXT_CHUNK = 8
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -127,7 +148,7 @@ def _dense_impl(params, pixels, knobs, text_emb, *, cfg, method, with_ori, use_o
 heatmaps_from_tokens = _maps.heatmaps
 
 
-@partial(jax.jit, static_argnames=("cfg", "method", "with_ori", "ex"))
+@_jit(static_argnames=("cfg", "method", "with_ori", "ex"))
 def dense_tokens(params, pixels, knobs, *, cfg: CLIPConfig, method, with_ori: bool = False,
                  ex: Execution = Execution()):
     """(method tokens, original tokens or None), each [B, 1+N, E], for any dense method:
@@ -136,7 +157,7 @@ def dense_tokens(params, pixels, knobs, *, cfg: CLIPConfig, method, with_ori: bo
                        use_ori=False, maps=False, normalize=False, ex=ex)
 
 
-@partial(jax.jit, static_argnames=("cfg", "method", "use_ori", "normalize", "ex"))
+@_jit(static_argnames=("cfg", "method", "use_ori", "normalize", "ex"))
 def dense_heatmaps(params, pixels, text_emb, knobs, *, cfg: CLIPConfig, method,
                    use_ori: bool = False, normalize: bool = True, ex: Execution = Execution()):
     """Heatmaps [B, P, H, W] (float32) of any dense method; text_emb [P, E] or [B, P, E]."""
@@ -148,7 +169,7 @@ def _gem_knobs(gem_depth, ss_attn_iter, ss_attn_temp):
     return dict(gem_depth=gem_depth, ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp)
 
 
-@partial(jax.jit, static_argnames=("cfg", "branches", "with_ori", "max_iter", "ex"))
+@_jit(static_argnames=("cfg", "branches", "with_ori", "max_iter", "ex"))
 def image_tokens(params, pixels, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
                  cfg: CLIPConfig, branches=gem.BRANCHES, with_ori: bool = True,
                  max_iter: int = gem.MAX_ITER, ex: Execution = Execution()):
@@ -162,7 +183,7 @@ def image_tokens(params, pixels, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
                        use_ori=False, maps=False, normalize=False, ex=ex)
 
 
-@partial(jax.jit, static_argnames=("cfg", "branches", "use_ori", "normalize", "max_iter", "ex"))
+@_jit(static_argnames=("cfg", "branches", "use_ori", "normalize", "max_iter", "ex"))
 def heatmaps_fn(params, pixels, text_emb, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None, *,
                 cfg: CLIPConfig, branches=gem.BRANCHES, use_ori: bool = False,
                 normalize: bool = True, max_iter: int = gem.MAX_ITER, ex: Execution = Execution()):
@@ -300,7 +321,8 @@ class GEMModel:
     def encode_text(self, texts):
         """Projected text embeddings [T, E] of texts used verbatim (no template), not normalized.
 
-        Texts are padded to a bucket of `bucket(T)` rows, so counts 1..8 share one compilation."""
+        Distinct texts are encoded in fixed chunks of TEXT_CHUNK (8) rows, or 256 beyond 64
+        texts, so every prompt count up to 64 runs one compiled text function."""
         texts = check_prompts(texts, "texts")
         tp = self.params["text"]
         leaves = jax.tree.leaves(tp)
@@ -310,10 +332,18 @@ class GEMModel:
                 a is b for a, b in zip(hit[0], leaves)):
             self._text_cache.move_to_end(key)
             return hit[1]
-        ids = self.tokenize(texts)
-        n = len(texts)
-        ids = np.concatenate([ids, np.repeat(ids[:1], bucket(n) - n, axis=0)])
-        emb = encode_text(self.params, jnp.asarray(ids), cfg=self.config)[:n]
+        unique = list(dict.fromkeys(texts))
+        ids = self.tokenize(unique)
+        n = len(unique)
+        chunk = TEXT_CHUNK if n <= 8 * TEXT_CHUNK else 32 * TEXT_CHUNK
+        ids = np.concatenate([ids, np.repeat(ids[:1], (-n) % chunk, axis=0)])
+        emb = jnp.concatenate([encode_text(self.params, jnp.asarray(ids[i:i + chunk]),
+                                           cfg=self.config) for i in range(0, len(ids), chunk)])
+        if n < len(texts):
+            pos = {t: i for i, t in enumerate(unique)}
+            emb = emb[np.asarray([pos[t] for t in texts])]
+        else:
+            emb = emb[:n]
         if not _is_tracer(leaves) and not isinstance(emb, jax.core.Tracer):
             # The cache holds the arrays it was computed from: identity cannot be reused.
             self._text_cache[key] = (leaves, emb)

@@ -64,25 +64,31 @@ def is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
+def init_leaf(path: str, shape: tuple, key, dtype=jnp.float32):
+    """One parameter with CLIP's initialization scale, from its path (e.g.
+    "['vision']['blocks']['attn']['qkv']['kernel']"): LN at identity, zero biases."""
+    if path.endswith("['scale']"):
+        return jnp.ones(shape, dtype)
+    if path.endswith("['bias']"):
+        return jnp.zeros(shape, dtype)
+    if path.endswith("['logit_scale']"):
+        return jnp.asarray(np.log(1 / 0.07), dtype)
+    fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+    if "qkv" in path:
+        fan_in = shape[-3]
+    std = 0.02 if ("embed" in path or "cls" in path) else fan_in ** -0.5
+    return std * jax.random.normal(key, shape, dtype)
+
+
+def init_tree(shapes, key: jax.Array, dtype=jnp.float32, prefix: str = "") -> dict:
+    """Random parameters for a (sub)tree of shapes; `prefix` is its path in the full tree."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
+    keys = jax.random.split(key, max(len(flat), 1))
+    out = [init_leaf(prefix + jax.tree_util.keystr(pth), shape, k, dtype)
+           for (pth, shape), k in zip(flat, keys)]
+    return jax.tree.unflatten(treedef, out)
+
+
 def init(cfg: CLIPConfig, key: jax.Array, dtype=jnp.float32) -> dict:
     """Random parameters with CLIP's initialization scales (LN at identity, zero biases)."""
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
-    paths = [jax.tree_util.keystr(pth) for pth, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if path.endswith("['scale']"):
-            out.append(jnp.ones(shape, dtype))
-        elif path.endswith("['bias']"):
-            out.append(jnp.zeros(shape, dtype))
-        elif path == "['logit_scale']":
-            out.append(jnp.asarray(np.log(1 / 0.07), dtype))
-        else:
-            fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
-            if "qkv" in path:
-                fan_in = shape[-3]
-            std = 0.02 if ("embed" in path or "cls" in path) else fan_in ** -0.5
-            out.append(std * jax.random.normal(k, shape, dtype))
-    return jax.tree.unflatten(treedef, out)
+    return init_tree(param_shapes(cfg), key, dtype)

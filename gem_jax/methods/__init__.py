@@ -20,3 +20,21 @@ def get(name: str, **static):
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[name](**static)
+
+
+def build(name: str, **kwargs):
+    """(method object, knobs dict) from keyword arguments: the method's knob names become traced
+    knobs (defaults filled in), every other keyword a static option of the method.  Arguments
+    that do not apply to the method are an error naming the method's knobs and options."""
+    import dataclasses
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    cls = METHODS[name]
+    options = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(k for k in kwargs if k not in cls.knob_names and k not in options)
+    if bad:
+        raise ValueError(f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to method "
+                         f"{name!r} (its knobs: {', '.join(cls.knob_names) or 'none'}; options: "
+                         f"{', '.join(sorted(options)) or 'none'})")
+    knobs = {k: kwargs.get(k, cls.defaults[k]) for k in cls.knob_names}
+    return cls(**{k: v for k, v in kwargs.items() if k in options}), knobs
