@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .classnames import GEM_TEMPLATE, IMAGENET_TEMPLATES, NAME_SETS
 from .datasets import ALIASES, DATASETS
-from ..argtypes import finite_float as _finite_float, int_at_least
+from ..argtypes import DTYPES, gem_depth as _depth, model_source
 from ..argtypes import nonneg_int as _nonneg_int, positive_float as _positive_float
-from ..argtypes import positive_int as _positive_int
+from ..argtypes import positive_int as _positive_int, temperature as _temp
 
 __all__ = ["register", "add_arguments", "run", "main", "build_parser"]
 
@@ -59,15 +59,6 @@ def _threshold(s):
     return v
 
 
-def _temp(s):
-    if s.lower() in ("auto", "adaptive", "none"):
-        return None
-    return _finite_float(s)
-
-
-_depth = int_at_least(2)  # GEM modifies the last depth-1 blocks: at least one
-
-
 def _dataset_name(s):
     from .datasets import get_dataset
     try:
@@ -83,10 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cityscapes (or an alias)")
     g.add_argument("--root", required=True, metavar="PATH",
                    help="the dataset directory or a parent of it (e.g. data/VOCdevkit)")
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="SRC",
+    g.add_argument("--model", default=DEFAULT_MODEL, type=model_source, metavar="SRC",
                    help=f"hub id or local checkpoint directory (default {DEFAULT_MODEL})")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter dtype (default float32)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights and compute dtype (default float32)")
     g.add_argument("--protocol", default="gem", choices=["gem", "sliding"],
                    help="gem (default) or sliding")
     g.add_argument("--limit", type=_positive_int, metavar="N",
