@@ -7,11 +7,15 @@
   it into place, so a crash or Ctrl-C never leaves a partial output; it refuses to replace an
   existing file unless `force`.
 * `batched(items, n)` yields lists of at most n items (images are read one batch at a time).
+* `expand_inputs(args)` turns command-line inputs (files, directories, glob patterns, `@list.txt`
+  files) into the sorted list of image paths to process, or raises `InputError` naming the
+  argument that matched nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 import warnings
@@ -21,7 +25,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "read_image", "atomic_write", "save_image", "save_npy", "batched"]
+__all__ = ["ImageReadError", "read_image", "atomic_write", "save_image", "save_npy", "batched",
+           "InputError", "IMAGE_EXTENSIONS", "expand_inputs"]
 
 T = TypeVar("T")
 
@@ -114,3 +119,83 @@ def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
             batch = []
     if batch:
         yield batch
+
+
+# ----------------------------------------------------------------------------- inputs
+# What a directory walk picks up (case-insensitive).  Files named explicitly (or by a glob or a
+# list) are taken whatever their extension, and reported per file if they cannot be read.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpe", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".pnm",
+                    ".ppm", ".tif", ".tiff", ".webp")
+
+
+class InputError(ValueError):
+    """An input argument that names nothing to process (a usage error)."""
+
+
+def _walk(root: str, exclude: set[str]) -> list[str]:
+    """Image files under `root`, recursively, sorted by path; hidden entries and `exclude`d
+    directories (the output directory) are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in exclude)
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found, key=lambda p: os.path.relpath(p, root).split(os.sep))
+
+
+def _expand_one(arg: str, exclude: set[str], where: str = "") -> list[str]:
+    if os.path.isdir(arg):
+        found = _walk(arg, exclude)
+        if not found:
+            raise InputError(f"{arg}{where}: no image files in this directory (looked recursively "
+                             f"for {', '.join(IMAGE_EXTENSIONS)})")
+        return found
+    if os.path.exists(arg):
+        return [arg]
+    if glob.has_magic(arg):
+        matches = sorted(glob.glob(arg, recursive=True))
+        if not matches:
+            raise InputError(f"{arg}{where}: no files match this pattern")
+        return [f for m in matches for f in (_walk(m, exclude) if os.path.isdir(m) else [m])]
+    raise InputError(f"{arg}{where}: no such file or directory")
+
+
+def expand_inputs(args: Iterable[str], *, exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Image paths from command-line inputs, in order, each path once.
+
+    * a file: itself;
+    * a directory: its image files (IMAGE_EXTENSIONS), recursively, sorted, hidden ones skipped;
+    * a glob pattern (`'photos/*.jpg'`, `'**/*.png'`, quoted so the shell leaves it): its
+      matches, sorted;
+    * `@list.txt`: one file, directory or pattern per line (blank lines and `#` comments
+      skipped), relative to the current directory as if typed on the command line.
+
+    `exclude`: directories never walked into (the output directory).  Raises InputError for an
+    argument that matches nothing."""
+    skip = {os.path.realpath(e) for e in exclude}
+    paths: list[str] = []
+    for arg in args:
+        arg = str(arg)
+        if arg.startswith("@") and not os.path.exists(arg):
+            listed = arg[1:]
+            try:
+                with open(listed, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except FileNotFoundError:
+                raise InputError(f"{arg}: {listed}: no such file (the list of inputs)") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"{arg}: cannot read the list of inputs: {e}") from None
+            for n, line in enumerate(lines, 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    paths += _expand_one(line, skip, f" (line {n} of {listed})")
+        else:
+            paths += _expand_one(arg, skip)
+    seen, unique = set(), []
+    for p in paths:
+        key = os.path.normcase(os.path.abspath(p))
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
