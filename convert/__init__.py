@@ -310,32 +310,29 @@ def save_hf(out: str | os.PathLike, cfg: CLIPConfig, params, tokenizer=None, *, 
 
 
 def _atomic_dir(out, write, force: bool) -> Path:
-    """Create directory `out` by filling a temp sibling with `write(tmp)`, then renaming it."""
+    """Create directory `out` by filling a temp sibling with `write(tmp)`, then moving it in.
+
+    Never deletes or replaces what gem-jax did not write (gem_jax.outputs.check_checkpoint_dir):
+    `out` must be absent or empty, or with `force` hold only a previous checkpoint's files, of
+    which only the ones written now are replaced; a file at `out` is always refused."""
+    from ..outputs import check_checkpoint_dir, install_dir
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+    check_checkpoint_dir(out, force=force)  # before writing anything
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        install_dir(tmp, out, force=force)
+    finally:
+        if tmp.exists():  # our own temp directory (mkdtemp), left only on failure
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def convert(src: str, out: str | os.PathLike, *, force: bool = False, dtype=None) -> Path:
     """Convert any loadable source (hub id or directory) into a native checkpoint at `out`."""
     from ..model import load
-    if Path(out).exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    from ..outputs import check_checkpoint_dir
+    check_checkpoint_dir(out, force=force)  # the OUT rule, before the (slow) load
     m = load(src)
     return save_native(out, m.config, m.params, m.tokenizer, force=force, dtype=dtype)
