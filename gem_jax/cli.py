@@ -5,9 +5,17 @@
     gem-jax convert openai/clip-vit-base-patch16 ckpt/b16
     gem-jax models
 
-Exit codes: 0 success, 1 runtime failure (an unreadable image, a model that cannot be loaded,
-an output that exists without --force, ...), 2 usage error.  Errors are one `error: ...` line on
-stderr, never a traceback (set GEM_JAX_TRACEBACK=1 to see one for unexpected errors).
+Exit codes: 0 success; 2 usage error, before anything is computed (a bad option value, an input
+or --model path that does not exist, --out naming a file, a knob the model cannot take such as
+--size below its patch size); 1 runtime failure (an unreadable image -- reported, skipped, the
+others done --, a model that cannot be loaded, --out holding outputs without --force, ...).
+Errors are `error: ...` lines on stderr, never a traceback (set GEM_JAX_TRACEBACK=1 to see one
+for unexpected errors).
+
+Every command that writes follows one rule (gem_jax.outputs): --out must be absent, an empty
+directory, or -- with --force -- a previous gem-jax output, of which only the files this run
+writes are replaced; all output names are planned (and deduplicated) before computing and
+recorded in --out/manifest.json.
 
 Other modules add subcommands with `register(subparsers)`: each adds its parser(s) with
 `set_defaults(func=callable)`, where `func(args) -> int`; `add_model_args(parser)` and
@@ -22,8 +30,9 @@ import re
 import sys
 from pathlib import Path
 from typing import Sequence
-from .argtypes import finite_float as _finite_float, int_at_least, nonneg_int as _nonneg_int
-from .argtypes import positive_int as _positive_int, unit_float as _unit_float
+from .argtypes import DTYPES, finite_float as _finite_float, gem_depth, model_source
+from .argtypes import nonneg_int as _nonneg_int, positive_int as _positive_int, temperature
+from .argtypes import unit_float as _unit_float
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 DEFAULT_OUT = "gem-jax-out"
@@ -44,20 +53,46 @@ def _template(s: str) -> str:
     return s
 
 
+def method_names() -> tuple[str, ...]:
+    """The heatmap methods offered by --method (and `gem-jax serve`): one place, the library's
+    `gem_jax.METHODS` once it has one, else GEM alone."""
+    import gem_jax
+    return tuple(getattr(gem_jax, "METHODS", ("gem",)))
+
+
 # ----------------------------------------------------------------------------- shared options
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model and --dtype (what every command that loads a model takes)."""
+def add_dtype_arg(g, default: str | None = "float32", help: str | None = None) -> None:
+    """--dtype with the same choices in every command (gem_jax.argtypes.DTYPES)."""
+    g.add_argument("--dtype", choices=DTYPES, default=default,
+                   help=help or "weights and compute dtype (default float32; bfloat16/float16 "
+                                "halve memory and are fast on GPU/TPU; LayerNorm, softmax and the "
+                                "maps stay float32)")
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    """--model, --dtype and --compile-cache (what every command that loads a model takes)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="SRC",
+    g.add_argument("--model", "-m", default=default, type=model_source, metavar="SRC",
                    help=f"hub id or local checkpoint directory (HF transformers, OpenCLIP or "
-                        f"gem_jax native); default {DEFAULT_MODEL}, read from the Hugging Face "
-                        f"cache or downloaded on first use")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and compute dtype (default float32; bfloat16 halves memory and "
-                        "is fast on GPU/TPU; LayerNorm, softmax and the maps stay float32)")
+                        f"gem_jax native); default {default}, read from the Hugging Face "
+                        f"cache or downloaded on first use" if default else
+                        "hub id or local checkpoint directory (HF transformers, OpenCLIP or "
+                        "gem_jax native)")
+    add_dtype_arg(g)
     g.add_argument("--compile-cache", metavar="DIR", nargs="?", const="", default=None,
                    help="keep XLA compilations in DIR (default $GEM_JAX_CACHE or "
                         "~/.cache/gem_jax/xla) so later runs start without compiling")
+
+
+def add_knob_args(g, *, temp_default=None) -> None:
+    """GEM's knobs, parsed the same way by every command."""
+    g.add_argument("--gem-depth", type=gem_depth, default=7, metavar="D",
+                   help="GEM modifies the last D-1 blocks (default 7; valid 2..layers+1)")
+    g.add_argument("--iters", type=_nonneg_int, default=1, metavar="N",
+                   help="self-self attention iterations (default 1)")
+    g.add_argument("--temp", type=temperature, default=temp_default, metavar="T",
+                   help="self-self attention inverse temperature >= 0, or 'adaptive' (default: "
+                        + ("adaptive" if temp_default is None else f"{temp_default:g}") + ")")
 
 
 def add_gem_args(p: argparse.ArgumentParser) -> None:
@@ -66,27 +101,30 @@ def add_gem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_positive_int, default=448, metavar="PX",
                    help="images are resized to PX x PX before the model (default 448, GEM's "
                         "protocol; must be at least the model's patch size)")
-    g.add_argument("--gem-depth", type=int_at_least(2), default=7, metavar="D",
-                   help="GEM modifies the last D-1 blocks (default 7; valid 2..layers+1)")
-    g.add_argument("--iters", type=_nonneg_int, default=1, metavar="N",
-                   help="self-self attention iterations (default 1)")
-    g.add_argument("--temp", type=_finite_float, default=None, metavar="T",
-                   help="fixed self-self attention inverse temperature (default: adaptive)")
+    add_knob_args(g)
     g.add_argument("--template", type=_template, default="a photo of a {}.",
                    help="prompt template (default 'a photo of a {}.'; '{}' for none)")
+    methods = method_names()
+    g.add_argument("--method", choices=methods, default=methods[0],
+                   help=f"heatmap method (default {methods[0]})")
     g.add_argument("--batch-size", "-b", type=_positive_int, default=4, metavar="N",
                    help="images read and processed together (default 4); only one batch of "
                         "images is held in memory at a time")
 
 
-def add_output_args(p: argparse.ArgumentParser) -> None:
+def add_output_args(p: argparse.ArgumentParser, *, npy_help: str) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", "-o", default=DEFAULT_OUT, metavar="DIR",
-                   help=f"output directory, created if needed (default ./{DEFAULT_OUT})")
+                   help=f"output directory (default ./{DEFAULT_OUT}): new, empty, or a previous "
+                        f"gem-jax output (with --force); a manifest.json in it maps every file to "
+                        f"its image and prompt")
     g.add_argument("--force", "-f", action="store_true",
-                   help="overwrite existing output files (default: refuse and exit 1)")
-    g.add_argument("--save-raw", action="store_true",
-                   help="also write the raw arrays as .npy")
+                   help="replace a previous gem-jax output in --out (only the files this run "
+                        "writes; never files gem-jax did not write)")
+    g.add_argument("--format", choices=["png", "npy", "both"], default="png",
+                   help=f"png: images (default); npy: {npy_help}; both")
+    g.add_argument("--save-raw", dest="format", action="store_const", const="both",
+                   help="same as --format both")
     g.add_argument("--alpha", type=_unit_float, default=0.5,
                    help="overlay opacity in [0, 1] (default 0.5)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
@@ -103,8 +141,7 @@ def load_model(args):
     if getattr(args, "compile_cache", None) is not None:
         gem_jax.enable_compilation_cache(args.compile_cache or None)
     try:
-        return gem_jax.load(src, dtype=jnp.bfloat16 if getattr(args, "dtype", "float32") == "bfloat16"
-                            else jnp.float32)
+        return gem_jax.load(src, dtype=getattr(jnp, getattr(args, "dtype", None) or "float32"))
     except gem_jax.CheckpointError as e:
         msg = str(e)
         if "not in the local Hugging Face cache" in msg:
@@ -118,62 +155,55 @@ def load_model(args):
         raise CLIError(f"cannot load model {src!r}: {e}") from None
 
 
+def check_knobs(parser, model, args) -> None:
+    """Knobs that need the model to check (--size vs its patch, --gem-depth vs its depth): usage
+    errors (exit 2), in the user's terms."""
+    v = model.config.vision
+    if args.size < v.patch_size:
+        parser.error(f"--size {args.size} is smaller than one {v.patch_size}-pixel patch of model "
+                     f"{args.model}; use --size {v.patch_size} or more (GEM's protocol: 448)")
+    if not 2 <= args.gem_depth <= v.layers + 1:
+        parser.error(f"--gem-depth {args.gem_depth} is too large for model {args.model} "
+                     f"({v.layers} blocks): valid 2..{v.layers + 1}")
+    try:
+        from gem_jax.model import check_knobs as check
+    except ImportError:  # the library checks again on the first call
+        return
+    try:
+        check(v, args.gem_depth, args.iters, args.temp)
+    except (TypeError, ValueError) as e:
+        parser.error(f"{e} (model {args.model})")
+
+
+def check_out(parser, args) -> Path:
+    """--out naming a file is a usage error, with or without --force."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} is a file; outputs go into a directory (new, empty, or a "
+                     f"previous gem-jax output with --force)")
+    return out
+
+
+def check_out_dir(parser, out: Path, planned, force: bool):
+    """The OUT rule (gem_jax.outputs.check_out_dir): a file is a usage error, a conflict exit 1."""
+    from gem_jax.outputs import OutIsAFileError, check_out_dir as check
+    try:
+        return check(out, planned, force=force)
+    except OutIsAFileError as e:
+        parser.error(str(e))
+    except FileExistsError as e:
+        raise CLIError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------- helpers
 def _slug(text: str, maxlen: int = 40) -> str:
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip()).strip("-._")
     return s[:maxlen].rstrip("-._")
 
 
-def _unique_slugs(prompts: Sequence[str], reserved: set[str]) -> list[str]:
-    out, taken = [], set(reserved)
-    for i, p in enumerate(prompts):
-        base = _slug(p) or f"prompt{i}"
-        s, k = base, 2
-        while s.lower() in taken:
-            s, k = f"{base}-{k}", k + 1
-        taken.add(s.lower())
-        out.append(s)
-    return out
-
-
-def _stems(parser, paths: Sequence[str]) -> list[str]:
-    stems = [Path(p).stem or Path(p).name or "image" for p in paths]
-    seen: dict[str, str] = {}
-    for p, s in zip(paths, stems):
-        if s.lower() in seen:
-            parser.error(f"{seen[s.lower()]} and {p} would write the same output names "
-                         f"({s}_*); process them in separate runs or rename one")
-        seen[s.lower()] = p
-    return stems
-
-
-def _check_inputs(paths: Sequence[str]) -> None:
-    for p in paths:
-        if not os.path.exists(p):
-            raise CLIError(f"{p}: no such file")
-        if os.path.isdir(p):
-            raise CLIError(f"{p}: is a directory, not an image file")
-
-
-def _check_outputs(out: Path, names: list[str], force: bool) -> None:
-    if force:
-        return
-    existing = [n for n in names if (out / n).exists()]
-    if existing:
-        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        raise CLIError(f"output {out / existing[0]} already exists"
-                       f"{' (' + ', '.join(existing[1:3]) + more + ' too)' if len(existing) > 1 else ''}"
-                       f"; pass --force to overwrite, or choose another --out")
-
-
-def _check_knobs(model, args) -> None:
-    from gem_jax import vision
-    from gem_jax.model import check_knobs
-    try:
-        check_knobs(model.config.vision, args.gem_depth, args.iters, args.temp)
-        vision.patch_grid(model.config.vision, args.size, args.size)
-    except ValueError as e:
-        raise CLIError(f"{e} (model {args.model})") from None
+def _slugs(prompts: Sequence[str]) -> list[str]:
+    """File-name parts for prompts; uniqueness is the OutputPlan's job (case-insensitive)."""
+    return [_slug(p) or f"prompt{i}" for i, p in enumerate(prompts)]
 
 
 def _progress(total: int, args, desc: str):
@@ -182,59 +212,19 @@ def _progress(total: int, args, desc: str):
                 disable=args.quiet or total < _PROGRESS_MIN, leave=False)
 
 
-def _read_batch(paths, errors: list[str]):
-    from gem_jax.io import ImageReadError, read_image
-    ok = []
-    for p in paths:
-        try:
-            ok.append((p, read_image(p)))
-        except ImageReadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            errors.append(p)
-    return ok
-
-
-def _finish(args, written: int, errors: list[str], total: int, out: Path) -> int:
-    if errors:
-        print(f"error: {len(errors)} of {total} image(s) could not be read "
-              f"({', '.join(errors[:3])}{', ...' if len(errors) > 3 else ''}); "
-              f"wrote {written} file(s) for the others to {out}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(f"wrote {written} file(s) to {out}")
-    return 0
-
-
-def _run_images(args, stems, names, desc: str, infer, write) -> int:
-    """The shared image loop: check inputs and outputs before loading the model, then for each
-    batch read -> preprocess -> `infer(model, pixels)` -> `write(path, image, result, stem)`
-    (returns the number of files written); only one batch is held in memory."""
-    from gem_jax.io import batched
-    out = Path(args.out)
-    _check_inputs(args.images)
-    _check_outputs(out, [n for s in stems for n in names(s)], args.force)
-    model = load_model(args)
-    _check_knobs(model, args)
-    stem_of = dict(zip(args.images, stems))
-    errors: list[str] = []
-    written = 0
-    with _progress(len(args.images), args, desc) as bar:
-        for chunk in batched(args.images, args.batch_size):
-            batch = _read_batch(chunk, errors)
-            if batch:
-                pixels = model.preprocess([im for _, im in batch], size=args.size)
-                results = infer(model, pixels)
-                del pixels
-                for (path, img), r in zip(batch, results):
-                    written += write(img, r, stem_of[path])
-                del results, batch
-            bar.update(len(chunk))
-    return _finish(args, written, errors, len(args.images), out)
-
-
 def _knobs(args) -> dict:
-    return dict(gem_depth=args.gem_depth, ss_attn_iter=args.iters, ss_attn_temp=args.temp,
-                template=args.template)
+    kw = dict(gem_depth=args.gem_depth, ss_attn_iter=args.iters, ss_attn_temp=args.temp,
+              template=args.template)
+    if getattr(args, "method", "gem") != "gem":  # the method zoo's keyword, only when chosen
+        kw["method"] = args.method
+    return kw
+
+
+def _header(args, command: str, **extra) -> dict:
+    return dict(command=command, model=str(args.model), method=getattr(args, "method", "gem"),
+                knobs=dict(gem_depth=args.gem_depth, ss_attn_iter=args.iters,
+                           ss_attn_temp=args.temp, template=args.template, size=args.size,
+                           dtype=args.dtype), **extra)
 
 
 def _prompts_or_usage_error(parser, prompts, what):
@@ -245,17 +235,107 @@ def _prompts_or_usage_error(parser, prompts, what):
         parser.error(str(e))
 
 
+def _run_images(args, command: str, header: dict, plan_image, infer, write) -> int:
+    """The shared image loop.
+
+    Before the model is loaded: expand the inputs (files, directories, globs, @lists), plan
+    every output name (`plan_image(plan, path, stem) -> list of output dicts`), apply the OUT
+    rule.  Then, one batch at a time: read (unreadable images are reported and skipped) ->
+    preprocess -> `infer(model, pixels)` -> `write(img, result, outputs, done)` for each image,
+    which calls `done(file)` after each file and returns extra manifest fields for the image.
+    The manifest is written before the first batch and updated as images complete."""
+    from gem_jax.io import ImageReadError, InputError, batched, expand_inputs, read_image
+    from gem_jax.outputs import Manifest, OutputPlan
+    parser = args._parser
+    out = check_out(parser, args)
+    try:
+        paths = expand_inputs(args.images, exclude=[out])
+    except InputError as e:
+        parser.error(str(e))
+    plan = OutputPlan()
+    images = []
+    for p in paths:
+        stem = plan.stem(Path(p).stem or Path(p).name, image=p)
+        images.append(dict(image=p, stem=stem, outputs=plan_image(plan, p, stem)))
+    previous = check_out_dir(parser, out, plan.names, args.force)
+    model = load_model(args)
+    check_knobs(parser, model, args)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out, header, images, collisions=plan.collisions,
+                        previous=previous.carried(plan.names, out))
+    manifest.save()
+    failed: list[str] = []
+    written = 0
+    try:
+        with _progress(len(paths), args, command) as bar:
+            for chunk in batched(list(enumerate(paths)), args.batch_size):
+                batch = []
+                for i, p in chunk:
+                    try:
+                        batch.append((i, read_image(p)))
+                    except ImageReadError as e:
+                        print(f"error: {e}", file=sys.stderr)
+                        manifest.image_failed(i, str(e))
+                        failed.append(p)
+                if batch:
+                    pixels = model.preprocess([im for _, im in batch], size=args.size)
+                    results = infer(model, pixels)
+                    del pixels
+                    for (i, img), r in zip(batch, results):
+                        def done(file, i=i):
+                            nonlocal written
+                            manifest.output_done(i, file)
+                            written += 1
+                        info = write(img, r, manifest.images[i]["outputs"], done) or {}
+                        manifest.image_done(i, image_size=list(img.size), **info)
+                    del results, batch
+                manifest.maybe_save()
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        manifest.finish("interrupted")
+        raise
+    except BaseException:
+        manifest.finish("failed")
+        raise
+    manifest.finish("incomplete" if failed else "complete")
+    if failed:
+        print(f"error: {len(failed)} of {len(paths)} image(s) failed "
+              f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); wrote {written} "
+              f"file(s) for the others to {out} (see {out / 'manifest.json'})", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {written} file(s) to {out} (manifest.json maps them to images and prompts)")
+    return 0
+
+
+def _min_max(maps):
+    """Per-map min-max over the last two axes (a constant map -> zeros), as model.heatmaps'
+    normalize=True does, so one raw computation gives both the .npy and the PNGs."""
+    import numpy as np
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    rng = maps.max(axis=(-2, -1), keepdims=True) - lo
+    return np.where(rng > 0, (maps - lo) / np.where(rng > 0, rng, 1.0), 0.0).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- heatmap
 HEATMAP_EPILOG = """\
+inputs: image files, directories (searched recursively for image files, sorted), quoted glob
+patterns ('photos/**/*.jpg'), and @list.txt files (one input per line).  Unreadable images are
+reported and skipped; the exit code is then 1, after all the others are done.
+
 outputs, for each IMAGE (stem S) in --out DIR:
   S_<prompt>.png   the heatmap of each prompt overlaid on the image (image size)
   S_grid.png       the image and every prompt's overlay, prompts as titles
-  S_<prompt>.npy   with --save-raw: the map, float32 [H, W] in [0, 1] at the image size
+  S_raw.npy        with --format npy/both: the raw cosine maps, float32 [P, H, W] at the model's
+                   input size (model.heatmaps(..., normalize=False)), prompts in -p order
+  manifest.json    every image, prompt, file, knob and map shape; names that would collide
+                   (also case-insensitively) get -2, -3, ... and are listed under "collisions"
 
 examples:
   gem-jax heatmap cat.jpg -p cat -p "remote control"
-  gem-jax heatmap photos/*.jpg -p person -p dog --out maps --batch-size 8 --save-raw
-  gem-jax heatmap cat.jpg -p cat --gem-depth 5 --iters 2 --temp 0.5 --force
+  gem-jax heatmap photos/ -p person -p dog --out maps --batch-size 8 --format both
+  gem-jax heatmap 'shots/*.png' @more.txt -p cat --temp adaptive --out maps
+  gem-jax heatmap cat.jpg -p cat --gem-depth 5 --iters 2 --temp 0.5 --out maps --force
   gem-jax heatmap cat.jpg -p cat --model ckpt/tiny --gem-depth 3 --size 64   # offline
 """
 
@@ -266,39 +346,55 @@ def cmd_heatmap(args) -> int:
     from gem_jax.io import save_image, save_npy
     parser = args._parser
     prompts = _prompts_or_usage_error(parser, args.prompt, "prompts")
-    stems = _stems(parser, args.images)
-    slugs = _unique_slugs(prompts, {"grid"})
+    slugs = _slugs(prompts)
     out = Path(args.out)
+    png, npy = args.format in ("png", "both"), args.format in ("npy", "both")
 
-    def names(stem):
-        n = [f"{stem}_{s}.png" for s in slugs] + [f"{stem}_grid.png"]
-        return n + ([f"{stem}_{s}.npy" for s in slugs] if args.save_raw else [])
+    def plan_image(plan, path, stem):
+        outs = []
+        if png:
+            outs.append(dict(file=plan.claim(f"{stem}_grid.png", image=path, kind="grid"),
+                             kind="grid"))
+            outs += [dict(file=plan.claim(f"{stem}_{s}.png", image=path, prompt=p, kind="overlay"),
+                          kind="overlay", prompt=p) for p, s in zip(prompts, slugs)]
+        if npy:
+            outs.append(dict(file=plan.claim(f"{stem}_raw.npy", image=path, kind="raw"),
+                             kind="raw"))
+        return outs
 
     def infer(model, pixels):
-        return np.asarray(model.heatmaps(pixels, prompts, **_knobs(args)), np.float32)
+        return np.asarray(model.heatmaps(pixels, prompts, normalize=False, **_knobs(args)),
+                          np.float32)
 
-    def write(img, m, stem) -> int:
-        n = 0
-        for slug, hm in zip(slugs, m):
-            save_image(viz.overlay(img, hm, args.alpha, args.cmap), out / f"{stem}_{slug}.png",
-                       force=args.force)
-            n += 1
-            if args.save_raw:
-                raw = np.clip(viz.resize_map(hm, img.size), 0.0, 1.0)
-                save_npy(raw, out / f"{stem}_{slug}.npy", force=args.force)
-                n += 1
-        save_image(viz.grid(img, m, titles=prompts, alpha=args.alpha, cmap=args.cmap),
-                   out / f"{stem}_grid.png", force=args.force)
-        return n + 1
-    return _run_images(args, stems, names, "heatmap", infer, write)
+    def write(img, raw, outs, done) -> dict:
+        maps = _min_max(raw)
+        per_prompt = iter(maps)  # overlays are planned in -p order
+        for o in outs:
+            if o["kind"] == "overlay":
+                save_image(viz.overlay(img, next(per_prompt), args.alpha, args.cmap),
+                           out / o["file"], force=args.force)
+            elif o["kind"] == "grid":
+                save_image(viz.grid(img, maps, titles=prompts, alpha=args.alpha, cmap=args.cmap),
+                           out / o["file"], force=args.force)
+            else:
+                save_npy(raw, out / o["file"], force=args.force)
+            done(o["file"])
+        return dict(map_shape=list(raw.shape))
+
+    return _run_images(args, "heatmap", _header(args, "heatmap", prompts=prompts,
+                                                output_format=args.format),
+                       plan_image, infer, write)
 
 
 # ----------------------------------------------------------------------------- segment
 SEGMENT_EPILOG = """\
+inputs: as for `gem-jax heatmap` (files, directories, globs, @list.txt).
+
 outputs, for each IMAGE (stem S) in --out DIR:
   S_seg.png          class ids as a palette PNG (pixel value = class id, coloured; image size)
   S_seg_overlay.png  the class colours over the image, with a legend
-  S_seg.npy          with --save-raw: the ids, int32 [H, W] at the image size
+  S_seg.npy          with --format npy/both: the ids, int32 [H, W] at the image size
+  manifest.json      every image, file, class and knob
 
 Ids are 0..C-1 in the order of -c; with --background-threshold T, 0 is background (pixels whose
 highest class probability is below T) and the classes are 1..C.
@@ -317,30 +413,43 @@ def cmd_segment(args) -> int:
     from gem_jax.io import save_image, save_npy
     parser = args._parser
     classes = _prompts_or_usage_error(parser, args.cls, "classes")
-    stems = _stems(parser, args.images)
     out = Path(args.out)
     bg = args.background_threshold is not None
+    png, npy = args.format in ("png", "both"), args.format in ("npy", "both")
 
-    def names(stem):
-        return [f"{stem}_seg.png", f"{stem}_seg_overlay.png"] + \
-            ([f"{stem}_seg.npy"] if args.save_raw else [])
+    def plan_image(plan, path, stem):
+        kinds = ([("seg.png", "segmentation"), ("seg_overlay.png", "overlay")] if png else []) + \
+            ([("seg.npy", "ids")] if npy else [])
+        return [dict(file=plan.claim(f"{stem}_{suffix}", image=path, kind=kind), kind=kind)
+                for suffix, kind in kinds]
 
     def infer(model, pixels):
         return np.asarray(model.segment(pixels, classes, background_threshold=args.background_threshold,
                                         **_knobs(args)))
 
-    def write(img, a, stem) -> int:
+    def write(img, a, outs, done) -> dict:
+        shape = list(a.shape)
         a = np.asarray(Image.fromarray(a.astype(np.int32)).resize(img.size, Image.NEAREST), np.int32)
-        save_image(viz.colorize_segmentation(a, len(classes), background=(0, 0, 0) if bg else None),
-                   out / f"{stem}_seg.png", force=args.force)
-        save_image(viz.segmentation_overlay(img, a, classes, alpha=args.alpha,
-                                            background="background" if bg else None),
-                   out / f"{stem}_seg_overlay.png", force=args.force)
-        if args.save_raw:
-            save_npy(a, out / f"{stem}_seg.npy", force=args.force)
-            return 3
-        return 2
-    return _run_images(args, stems, names, "segment", infer, write)
+        for o in outs:
+            if o["kind"] == "segmentation":
+                save_image(viz.colorize_segmentation(a, len(classes),
+                                                     background=(0, 0, 0) if bg else None),
+                           out / o["file"], force=args.force)
+            elif o["kind"] == "overlay":
+                save_image(viz.segmentation_overlay(img, a, classes, alpha=args.alpha,
+                                                    background="background" if bg else None),
+                           out / o["file"], force=args.force)
+            else:
+                save_npy(a, out / o["file"], force=args.force)
+            done(o["file"])
+        return dict(map_shape=shape)
+
+    ids = (["background"] if bg else []) + list(classes)
+    return _run_images(args, "segment",
+                       _header(args, "segment", classes=list(classes), ids=ids,
+                               background_threshold=args.background_threshold,
+                               output_format=args.format),
+                       plan_image, infer, write)
 
 
 # ----------------------------------------------------------------------------- models
@@ -444,21 +553,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="GEM heatmaps of each prompt on each image: overlay PNGs and a "
                                    "grid figure per image.",
                        epilog=HEATMAP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image files (any format Pillow reads), directories (recursive), quoted "
+                        "glob patterns, or @list.txt files")
     p.add_argument("-p", "--prompt", action="append", required=True, metavar="PROMPT",
                    help="a text prompt (repeat for several)")
     p.add_argument("--cmap", choices=["viridis", "turbo"], default="viridis",
                    help="colormap (default viridis)")
     add_model_args(p)
     add_gem_args(p)
-    add_output_args(p)
+    add_output_args(p, npy_help="one S_raw.npy per image, the raw cosine maps [P, H, W]")
     p.set_defaults(func=cmd_heatmap, _parser=p)
 
     p = sub.add_parser("segment", help="open-vocabulary segmentation into class-id PNGs",
                        description="Per-pixel classes among the given names (GEM heatmaps, argmax), "
                                    "optionally with a background class.",
                        epilog=SEGMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image files (any format Pillow reads), directories (recursive), quoted "
+                        "glob patterns, or @list.txt files")
     p.add_argument("-c", "--class", dest="cls", action="append", required=True, metavar="CLASS",
                    help="a class name (repeat for several)")
     p.add_argument("--background-threshold", type=_unit_float, default=None, metavar="T",
@@ -466,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "below T in [0, 1] become background, id 0")
     add_model_args(p)
     add_gem_args(p)
-    add_output_args(p)
+    add_output_args(p, npy_help="one S_seg.npy per image, the class ids [H, W]")
     p.set_defaults(func=cmd_segment, _parser=p)
 
     from gem_jax.convert.__main__ import build_parser as convert_parser
@@ -487,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "gem_jax.eval.cli")
     _add_optional(sub, "gem_jax.bench")
     _add_optional(sub, "gem_jax.demo")
+    _add_optional(sub, "gem_jax.serve")
     return parser
 
 

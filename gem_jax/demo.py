@@ -99,6 +99,7 @@ outputs in --out DIR, for each generated scene i:
   scene_<i>_grid.png   the scene and one GEM heatmap per prompt: each object in it, plus one
                        colour that is not in it (every map is min-max normalized, so even
                        that one has a hottest spot: there is nothing right to find)
+  manifest.json        every scene, its prompts and files, and the knobs
 
 The model is a toy trained on these scenes (gem_jax/assets/toy_clip): it localizes colours.
 examples:
@@ -108,7 +109,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from .cli import _positive_int, _finite_float
+    from .argtypes import DTYPES, model_source, positive_int, temperature
     p = subparsers.add_parser(
         "demo", help="offline demo: GEM heatmaps of the bundled toy model on generated scenes",
         description="Generate scenes of coloured shapes and write GEM heatmaps from the bundled toy "
@@ -116,57 +117,91 @@ def register(subparsers) -> None:
                     "objects).  Needs no download.",
         epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "-o", default="gem-jax-demo", metavar="DIR",
-                   help="output directory (default ./gem-jax-demo)")
-    p.add_argument("--n", type=_positive_int, default=4, help="number of scenes (default 4)")
+                   help="output directory (default ./gem-jax-demo): new, empty, or a previous "
+                        "gem-jax output (with --force); manifest.json lists every file")
+    p.add_argument("--n", type=positive_int, default=4, help="number of scenes (default 4)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (held-out 'test' split; default 0)")
-    p.add_argument("--temp", type=_finite_float, default=TOY_KNOBS["ss_attn_temp"], metavar="T",
-                   help=f"fixed self-self attention inverse temperature "
+    p.add_argument("--temp", type=temperature, default=TOY_KNOBS["ss_attn_temp"], metavar="T",
+                   help=f"self-self attention inverse temperature, or 'adaptive' "
                         f"(default {TOY_KNOBS['ss_attn_temp']:g}, tuned for the toy model)")
     p.add_argument("--no-subtract-mean", action="store_true",
                    help="plain min-max GEM maps, without subtracting the mean map over the 30 class "
                         "prompts")
-    p.add_argument("--model", "-m", default=None, metavar="DIR",
+    p.add_argument("--model", "-m", default=None, type=model_source, metavar="DIR",
                    help="another checkpoint trained on the same scenes (default: the bundled toy)")
-    p.add_argument("--force", "-f", action="store_true", help="overwrite existing files")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and compute dtype (default float32)")
+    p.add_argument("--force", "-f", action="store_true",
+                   help="replace a previous gem-jax output in --out (only the files it writes)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=run, _parser=p)
 
 
 def run(args) -> int:
     from . import viz
-    from .cli import CLIError, _check_outputs, load_model
+    from .cli import CLIError, check_out, check_out_dir, load_model
     from .io import save_image
+    from .outputs import Manifest, OutputPlan
+    parser = args._parser
     if args.seed < 0:
-        args._parser.error("--seed must be >= 0")
-    out = Path(args.out)
-    names = [n for i in range(args.n) for n in (f"scene_{i}.png", f"scene_{i}_grid.png")]
-    _check_outputs(out, names, args.force)
+        parser.error("--seed must be >= 0")
+    out = check_out(parser, args)
+    plan = OutputPlan()
+    images = []
+    for i in range(args.n):
+        stem = plan.stem(f"scene_{i}")
+        images.append(dict(image=f"scenes.scene({i}, seed={args.seed}, split='test')", stem=stem,
+                           outputs=[dict(file=plan.claim(f"{stem}.png"), kind="scene"),
+                                    dict(file=plan.claim(f"{stem}_grid.png"), kind="grid")]))
+    previous = check_out_dir(parser, out, plan.names, args.force)
     if args.model is None:
         try:
-            model = toy_model()
+            import jax.numpy as jnp
+            model = toy_model(getattr(jnp, args.dtype))
         except FileNotFoundError as e:
             raise CLIError(str(e)) from None
     else:
-        args.dtype = "float32"
         model = load_model(args)
+    out.mkdir(parents=True, exist_ok=True)
+    header = dict(command="demo", model=str(args.model or TOY_MODEL_DIR), method="gem",
+                  knobs=dict(TOY_KNOBS, ss_attn_temp=args.temp, template=None, size=TOY_SIZE,
+                             dtype=args.dtype, subtract_class_mean=not args.no_subtract_mean))
+    manifest = Manifest(out, header, images, collisions=plan.collisions,
+                        previous=previous.carried(plan.names, out))
+    manifest.save()
     rng = np.random.default_rng(args.seed)
     written = 0
-    for i in range(args.n):
-        s = scenes.scene(i, seed=args.seed, split="test", size=TOY_SIZE)
-        absent = [c for c in scenes.COLORS if c not in {c_ for c_, _ in s.objects}]
-        extra = absent[int(rng.integers(len(absent)))]
-        queries = list(s.objects) + [(extra, s.objects[0][1])]
-        pixels = model.preprocess(s.pil(), size=TOY_SIZE)
-        maps = toy_heatmaps(model, pixels, [object_prompt(c, sh) for c, sh in queries],
-                            subtract_class_mean=not args.no_subtract_mean,
-                            ss_attn_temp=args.temp)[0]
-        titles = [scenes.prompt(c, sh) + ("" if k < len(s.objects) else " (absent)")
-                  for k, (c, sh) in enumerate(queries)]
-        save_image(s.pil(), out / f"scene_{i}.png", force=args.force)
-        save_image(viz.grid(s.pil(), maps, titles=titles, image_title=s.caption[11:-1],
-                            ncols=len(titles) + 1, tile_size=192),
-                   out / f"scene_{i}_grid.png", force=args.force)
-        written += 2
+    try:
+        for i in range(args.n):
+            s = scenes.scene(i, seed=args.seed, split="test", size=TOY_SIZE)
+            absent = [c for c in scenes.COLORS if c not in {c_ for c_, _ in s.objects}]
+            extra = absent[int(rng.integers(len(absent)))]
+            queries = list(s.objects) + [(extra, s.objects[0][1])]
+            prompts = [object_prompt(c, sh) for c, sh in queries]
+            pixels = model.preprocess(s.pil(), size=TOY_SIZE)
+            maps = toy_heatmaps(model, pixels, prompts,
+                                subtract_class_mean=not args.no_subtract_mean,
+                                ss_attn_temp=args.temp)[0]
+            titles = [scenes.prompt(c, sh) + ("" if k < len(s.objects) else " (absent)")
+                      for k, (c, sh) in enumerate(queries)]
+            scene_file, grid_file = (o["file"] for o in images[i]["outputs"])
+            save_image(s.pil(), out / scene_file, force=args.force)
+            manifest.output_done(i, scene_file)
+            save_image(viz.grid(s.pil(), maps, titles=titles, image_title=s.caption[11:-1],
+                                ncols=len(titles) + 1, tile_size=192),
+                       out / grid_file, force=args.force)
+            manifest.output_done(i, grid_file)
+            manifest.image_done(i, prompts=prompts, image_size=list(s.pil().size),
+                                map_shape=list(maps.shape))
+            manifest.maybe_save()
+            written += 2
+    except KeyboardInterrupt:
+        manifest.finish("interrupted")
+        raise
+    except BaseException:
+        manifest.finish("failed")
+        raise
+    manifest.finish("complete")
     if not args.quiet:
         print(f"wrote {written} file(s) to {out} (toy model: it localizes colours; see "
               f"gem_jax/assets/toy_clip/README.md)")

@@ -267,9 +267,10 @@ def test_cli_every_mode_and_odd_size(ckpt, tmp_path):
         with Image.open(f) as im:
             size = im.size
         assert Image.open(out / f"{f.stem}_x.png").size == size
-        raw = np.load(out / f"{f.stem}_prompt1.npy")
-        assert raw.shape == size[::-1] and np.isfinite(raw).all()
-        assert raw.min() >= 0 and raw.max() <= 1
+        assert Image.open(out / f"{f.stem}_prompt1.png").size == size
+        raw = np.load(out / f"{f.stem}_raw.npy")            # raw cosines, both prompts
+        assert raw.shape == (2, SIZE, SIZE) and np.isfinite(raw).all()
+        assert np.abs(raw).max() <= 1 + 1e-5
 
 
 def test_cli_unreadable_files(ckpt, tmp_path):
@@ -286,7 +287,9 @@ def test_cli_unreadable_files(ckpt, tmp_path):
                               "--gem-depth", DEPTH, "--size", SIZE, "--out", out)
         assert rc == 1, (name, err)
         assert err.startswith("error:") and name in err and "Traceback" not in err, err
-        assert not out.exists() or list(out.iterdir()) == [], name
+        # Only the manifest, which records the failure.
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"], name
+        assert name in (out / "manifest.json").read_text()
 
 
 @settings(max_examples=12, **SETTINGS)
@@ -304,9 +307,9 @@ def test_cli_fuzzed_files(ckpt, tmp_path_factory, data):
     assert rc in (0, 1), err
     files = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if rc == 0:
-        assert files == ["f_seg.png", "f_seg_overlay.png"]
+        assert files == ["f_seg.png", "f_seg_overlay.png", "manifest.json"]
     else:
-        assert err.startswith("error:") and files == []
+        assert err.startswith("error:") and files == ["manifest.json"]
 
 
 @pytest.mark.parametrize("prompts, rc_want", [

@@ -92,19 +92,18 @@ def test_heatmap_end_to_end(capsys, ckpt, images, tmp_path):
                       "-p", "the sea", "--model", ckpt, *KNOBS, "--out", out, "--save-raw",
                       "--batch-size", "1")
     assert rc == 0, err
-    assert "wrote 10 file(s)" in so
+    assert "wrote 8 file(s)" in so
     for stem, size in (("a", (60, 40)), ("b", (25, 50))):
         for slug in ("a-sun", "the-sea"):
             png = Image.open(out / f"{stem}_{slug}.png")
             assert png.mode == "RGB" and png.size == size
-            raw = np.load(out / f"{stem}_{slug}.npy")
-            assert raw.dtype == np.float32 and raw.shape == size[::-1]
-            assert np.isfinite(raw).all() and raw.min() >= 0 and raw.max() <= 1
+        raw = np.load(out / f"{stem}_raw.npy")   # raw cosines [P, size, size] (test_outputs.py)
+        assert raw.dtype == np.float32 and raw.shape == (2, 32, 32) and np.isfinite(raw).all()
         grid = Image.open(out / f"{stem}_grid.png")
         assert grid.mode == "RGB" and grid.width > 3 * 64
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{s}_{n}" for s in "ab" for n in ("a-sun.png", "a-sun.npy", "the-sea.png", "the-sea.npy",
-                                          "grid.png"))
+        [f"{s}_{n}" for s in "ab" for n in ("a-sun.png", "the-sea.png", "raw.npy", "grid.png")]
+        + ["manifest.json"])
 
 
 def test_heatmap_many_images_in_batches_quiet(capsys, ckpt, tmp_path):
@@ -121,7 +120,7 @@ def test_heatmap_many_images_in_batches_quiet(capsys, ckpt, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {f"im{i}_red.png" for i in range(5)} <= names
     assert {f"im{i}_red-2.png" for i in range(5)} <= names  # duplicate prompts get unique names
-    assert len(names) == 15
+    assert len(names) == 16 and "manifest.json" in names
 
 
 def test_force(capsys, ckpt, images, tmp_path):
@@ -171,6 +170,8 @@ def test_convert(capsys, ckpt, tmp_path):
     assert rc == 1 and err.startswith("error:") and "--force" in err
     assert run(capsys, "convert", ckpt, out, "--force")[0] == 0
     rc, so, err = run(capsys, "convert", tmp_path / "missing", tmp_path / "x")
+    assert rc == 2 and "no such directory" in err   # a path typo is a usage error
+    rc, so, err = run(capsys, "convert", tmp_path, tmp_path / "x")   # not a checkpoint
     assert rc == 1 and err.startswith("error:")
 
 
@@ -199,10 +200,13 @@ def test_models(capsys):
     ["heatmap", "a.png", "-p", "x", "--iters", "-1"],
     ["heatmap", "a.png", "-p", "x", "--temp", "nan"],
     ["heatmap", "a.png", "-p", "x", "--template", "no braces"],
-    ["heatmap", "d1/a.png", "d2/a.png", "-p", "x"],        # same output names
+    ["heatmap", "missing.png", "-p", "x"],                 # no such input
+    ["heatmap", "a.png", "-p", "x", "--temp", "-1"],
+    ["heatmap", "a.png", "-p", "x", "--format", "jpg"],
+    ["heatmap", "a.png", "-p", "x", "--model", "./no/such/dir"],
     ["segment", "a.png"],                                  # no class
     ["segment", "a.png", "-c", "x", "--background-threshold", "1.5"],
-    ["heatmap", "a.png", "-p", "x", "--dtype", "float16"],
+    ["heatmap", "a.png", "-p", "x", "--dtype", "int8"],
 ])
 def test_usage_errors_exit_2(capsys, argv):
     rc, so, err = run(capsys, *argv)
@@ -212,25 +216,36 @@ def test_usage_errors_exit_2(capsys, argv):
         assert "error:" in err
 
 
-def test_runtime_errors_exit_1(capsys, ckpt, images, tmp_path):
+def test_errors_before_computing_exit_2(capsys, ckpt, images, tmp_path):
+    """Usage errors that need the file system or the model: exit 2, nothing written."""
     out = tmp_path / "o"
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (["heatmap", tmp_path / "missing.png", "-p", "x", "--model", ckpt, *KNOBS], "no such file"),
-        (["heatmap", tmp_path, "-p", "x", "--model", ckpt, *KNOBS], "directory"),
+        (["heatmap", empty, "-p", "x", "--model", ckpt, *KNOBS], "no image files"),
         (["heatmap", images / "a.png", "-p", "x", "--model", ckpt, "--gem-depth", "9",
-          "--size", "32"], "gem_depth"),
+          "--size", "32"], "--gem-depth 9 is too large"),
         (["heatmap", images / "a.png", "-p", "x", "--model", ckpt, "--gem-depth", "3",
-          "--size", "4"], "patch"),
+          "--size", "4"], "--size 4 is smaller than one 8-pixel patch"),
         (["heatmap", images / "a.png", "-p", "x", "--model", tmp_path / "no-model"],
-         "make_tiny_checkpoint"),
-        (["segment", images / "a.png", "-c", "x", "--model", tmp_path], "cannot load model"),
+         "no such directory"),
     ]
     for argv, needle in cases:
         rc, so, err = run(capsys, *argv, "--out", out)
-        assert rc == 1, (argv, err)
-        assert err.startswith("error:") and needle in err, (argv, err)
+        assert rc == 2, (argv, err)
+        assert "error:" in err and needle in err, (argv, err)
         assert "Traceback" not in err
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()
+
+
+def test_runtime_errors_exit_1(capsys, ckpt, images, tmp_path):
+    out = tmp_path / "o"
+    rc, so, err = run(capsys, "segment", images / "a.png", "-c", "x", "--model", tmp_path,
+                      "--out", out)
+    assert rc == 1 and err.startswith("error:") and "cannot load model" in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
 
 
 def test_offline_uncached_model_message(tmp_path, images):
