@@ -27,6 +27,7 @@ import numpy as np
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 MAX_PROMPTS = 16
+EXAMPLE_SCENE = 3  # the generated scene shown first: a purple cross, an orange square, a green star
 
 SERVE_EPILOG = """\
 examples:
@@ -142,8 +143,11 @@ def build_app(demo: Demo, *, size: int, gem_depth: int, iters: int, temp, method
     from . import scenes
     from .cli import method_names
     methods = list(methods or method_names())
-    example = scenes.scene(0, seed=0, split="test", size=256).pil()
+    scene = scenes.scene(EXAMPLE_SCENE, seed=0, split="test", size=256)
+    example = scene.pil()
     toy = demo.toy
+    default_prompts = ("\n".join(scenes.prompt(c, s) for c, s in scene.objects) if toy
+                       else "cat\nremote control")
 
     def predict(image, prompts, method, depth, n_iter, t, px, template, contrast, alpha):
         try:
@@ -163,8 +167,8 @@ def build_app(demo: Demo, *, size: int, gem_depth: int, iters: int, temp, method
             with gr.Column(scale=1):
                 image = gr.Image(value=example, type="pil", label="image", image_mode="RGB",
                                  height=320)
-                prompts = gr.Textbox(value="red circle\nblue square" if toy else "cat\nremote control",
-                                     lines=3, label="prompts (one per line, or comma-separated)")
+                prompts = gr.Textbox(value=default_prompts, lines=3,
+                                     label="prompts (one per line, or comma-separated)")
                 method = gr.Dropdown(methods, value=methods[0], label="method")
                 with gr.Accordion("knobs", open=True):
                     depth = gr.Slider(2, demo.max_depth, value=gem_depth, step=1,
@@ -181,11 +185,15 @@ def build_app(demo: Demo, *, size: int, gem_depth: int, iters: int, temp, method
                     alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="overlay opacity")
                 run_btn = gr.Button("Compute heatmaps", variant="primary")
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="overlays (one per prompt)", columns=2, format="png",
-                                     height=560)
-                info = gr.JSON(label="details")
-        run_btn.click(predict, [image, prompts, method, depth, n_iter, t, px, template, contrast,
-                                alpha], [gallery, info], api_name="heatmaps")
+                gallery = gr.Gallery(label="overlays (one per prompt; red = high)", columns=3,
+                                     format="png", height=420, object_fit="contain")
+                with gr.Accordion("details (knobs used, map shape, hottest point per prompt)",
+                                  open=False):
+                    info = gr.JSON(label="details")
+        inputs = [image, prompts, method, depth, n_iter, t, px, template, contrast, alpha]
+        run_btn.click(predict, inputs, [gallery, info], api_name="heatmaps")
+        if toy:  # the page opens with the example's maps (the toy takes well under a second)
+            app.load(predict, inputs, [gallery, info], api_visibility="private")
     return app
 
 
@@ -220,8 +228,14 @@ def run(args) -> int:
         args._parser.error(f"--gem-depth {depth} is too large for model {source} ({layers} "
                            f"blocks): valid 2..{layers + 1}")
     temp = getattr(args, "temp", TOY_KNOBS["ss_attn_temp"] if toy else None)
-    app = build_app(Demo(model, source, toy=toy), size=size, gem_depth=depth, iters=args.iters,
-                    temp=temp)
+    demo = Demo(model, source, toy=toy)
+    if toy:  # compile before the first visitor (the page computes the example on load)
+        from . import scenes
+        scene = scenes.scene(EXAMPLE_SCENE, seed=0, split="test", size=256)
+        demo.heatmaps(scene.pil(), "\n".join(scenes.prompt(c, s) for c, s in scene.objects),
+                      "gem", depth, args.iters, "adaptive" if temp is None else str(temp), size,
+                      "a photo of a {}.", True, 0.5)
+    app = build_app(demo, size=size, gem_depth=depth, iters=args.iters, temp=temp)
     print(f"gem-jax serve: http://{args.host}:{args.port} (model {source}; Ctrl-C to stop)",
           file=sys.stderr, flush=True)
     app.queue(default_concurrency_limit=1).launch(
