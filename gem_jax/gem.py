@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import layers, vision
 from .config import VisionConfig
 from .maps import heatmaps, min_max, patch_similarity, segment_from_scores, upsample  # noqa: F401
-from .methods.gem import (BRANCHES, GEM, MAX_ITER, adaptive_inv_temp, check_branches,  # noqa: F401
+from .methods.gem import (BRANCHES, GEM, MAX_ITER, MAX_SS_ATTN_TEMP, adaptive_inv_temp, check_branches,  # noqa: F401
                           check_depth, self_self_attention)
 
 

@@ -43,9 +43,10 @@ def min_max(maps):
     return jnp.where(rng == 0, 0.0, (maps - lo) / jnp.where(rng == 0, 1.0, rng))
 
 
-def heatmaps(tokens, text_emb, grid, out_hw, normalize: bool = True):
-    """Heatmaps [B, P, H, W] from image tokens and text embeddings ([P, E] or [B, P, E])."""
-    m = upsample(patch_similarity(tokens, text_emb, grid), out_hw)
+def heatmaps(tokens, text_emb, grid, out_hw, normalize: bool = True, similarity=None):
+    """Heatmaps [B, P, H, W] from image tokens and text embeddings ([P, E] or [B, P, E]);
+    `similarity` replaces `patch_similarity` (a method's own, e.g. CLIP Surgery's)."""
+    m = upsample((similarity or patch_similarity)(tokens, text_emb, grid), out_hw)
     return min_max(m) if normalize else m
 
 

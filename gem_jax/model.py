@@ -19,6 +19,7 @@ import numpy as np
 
 from . import gem, layers, text, vision
 from . import maps as _maps
+from . import methods as methods_lib
 from .config import CLIPConfig, VisionConfig
 from .layers import Execution
 from .convert import CheckpointError, load_checkpoint
@@ -140,12 +141,11 @@ def _dense_impl(params, pixels, knobs, text_emb, *, cfg, method, with_ori, use_o
                             with_ori=with_ori or use_ori, ex=ex)
         if not maps:
             return out["dense"], out.get("tokens")
-        return heatmaps_from_tokens(out["tokens"] if use_ori else out["dense"], emb, grid,
-                                    tuple(pixels.shape[1:3]), normalize)
+        tok = out["tokens"] if use_ori else out["dense"]
+        sim = _maps.patch_similarity if use_ori else getattr(method, "similarity",
+                                                               _maps.patch_similarity)
+        return _maps.heatmaps(tok, emb, grid, tuple(pixels.shape[1:3]), normalize, sim)
     return _run_batch(fn, shared, per, pixels, ex)
-
-
-heatmaps_from_tokens = _maps.heatmaps
 
 
 @_jit(static_argnames=("cfg", "method", "with_ori", "ex"))
@@ -230,42 +230,24 @@ def check_prompts(prompts, what="prompts") -> list[str]:
     return prompts
 
 
-MAX_SS_ATTN_TEMP = 1e6
+MAX_SS_ATTN_TEMP = gem.MAX_SS_ATTN_TEMP
 
 
 def check_knobs(cfg: VisionConfig, gem_depth, ss_attn_iter, ss_attn_temp):
-    gem.check_depth(gem_depth, cfg.layers)
-    if isinstance(ss_attn_iter, (int, np.integer)) and ss_attn_iter < 0:
-        raise ValueError(f"ss_attn_iter must be >= 0, got {ss_attn_iter}")
-    if isinstance(ss_attn_iter, float):
-        raise TypeError(f"ss_attn_iter must be an integer, got {ss_attn_iter!r}")
-    if ss_attn_temp is not None and not isinstance(ss_attn_temp, jax.core.Tracer):
-        try:
-            t = np.asarray(ss_attn_temp, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"ss_attn_temp must be a number or None, got {ss_attn_temp!r}") from None
-        if not np.isfinite(t).all() or (t < 0).any():
-            raise ValueError(f"ss_attn_temp must be a finite inverse temperature >= 0, "
-                             f"got {ss_attn_temp}")
-        # Beyond this the float32 softmax logits (cosine * temp) lose all precision and XLA's
-        # fused softmax can overflow to NaN; 1e3 is already a hard argmax.
-        if t.size and np.abs(t).max() > MAX_SS_ATTN_TEMP:
-            raise ValueError(f"ss_attn_temp must be within [-{MAX_SS_ATTN_TEMP:g}, "
-                             f"{MAX_SS_ATTN_TEMP:g}], got {ss_attn_temp}")
+    """GEM's concrete knob checks (kept for callers of the GEM-named API)."""
+    gem.GEM().check(cfg.layers, dict(gem_depth=gem_depth, ss_attn_iter=ss_attn_iter,
+                                     ss_attn_temp=ss_attn_temp))
 
 
-def _knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp):
-    """Python knob values → arrays, so new values reuse the compiled function."""
-    t = None if ss_attn_temp is None else jnp.asarray(ss_attn_temp, jnp.float32)
-    return jnp.asarray(gem_depth, jnp.int32), jnp.asarray(ss_attn_iter, jnp.int32), t
-
-
-def _max_iter(ss_attn_iter) -> int:
-    """Static bound of the masked iteration loop: 8, or the next power of two above a larger
-    concrete count (so a sweep over 0..8 compiles once)."""
-    if isinstance(ss_attn_iter, (int, np.integer)) and ss_attn_iter > gem.MAX_ITER:
-        return bucket(int(ss_attn_iter), gem.MAX_ITER)
-    return gem.MAX_ITER
+def _as_arrays(knobs: dict) -> dict:
+    """Python knob values → arrays (ints int32, floats float32), so new values reuse the
+    compiled function; None stays None (it selects a code path, e.g. adaptive τ)."""
+    def conv(v):
+        if v is None or isinstance(v, jax.Array):
+            return v
+        a = np.asarray(v)
+        return jnp.asarray(a, jnp.int32 if np.issubdtype(a.dtype, np.integer) else jnp.float32)
+    return {k: conv(v) for k, v in knobs.items()}
 
 
 def _is_tracer(tree) -> bool:
@@ -351,15 +333,23 @@ class GEMModel:
                 self._text_cache.popitem(last=False)
         return emb
 
-    # -- GEM
-    def image_tokens(self, pixels, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
-                     branches=gem.BRANCHES, execution: Execution | None = None):
-        """(gem, original) projected token features, each [B, 1+N, E]."""
+    # -- dense methods (GEM and the others in gem_jax.methods)
+    def _method(self, method: str, knobs: dict):
+        """(method object, knob arrays) for a method name and the caller's keyword arguments;
+        concrete knob values are checked here with a clear error."""
+        m, kn = methods_lib.build(method, **knobs)
+        m.check(self.config.vision.layers, kn)
+        return m.for_knobs(kn), _as_arrays(kn)
+
+    def image_tokens(self, pixels, *, method: str = "gem", with_ori: bool = True,
+                     execution: Execution | None = None, **knobs):
+        """(method tokens, original tokens), each [B, 1+N, E] after LN_post and the projection.
+        `knobs`: the method's knobs and options (GEM: gem_depth, ss_attn_iter, ss_attn_temp,
+        branches)."""
         pixels = check_pixels(pixels, self.config.vision)
-        check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
-        return image_tokens(self.params, pixels, *_knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp),
-                            cfg=self.config, branches=gem.check_branches(branches),
-                            max_iter=_max_iter(ss_attn_iter), ex=execution or self.execution)
+        m, kn = self._method(method, knobs)
+        return dense_tokens(self.params, pixels, kn, cfg=self.config, method=m, with_ori=with_ori,
+                            ex=execution or self.execution)
 
     def _prompt_embeddings(self, prompts, template):
         if template is not None and "{}" not in template:
@@ -367,21 +357,22 @@ class GEMModel:
         texts = [template.format(p) if template else p for p in prompts]
         return self.encode_text(texts)
 
-    def heatmaps(self, pixels, prompts, *, gem_depth=7, ss_attn_iter=1, ss_attn_temp=None,
-                 normalize=True, return_ori=False, template=DEFAULT_TEMPLATE,
-                 branches=gem.BRANCHES, execution: Execution | None = None):
-        """GEM heatmaps.
+    def heatmaps(self, pixels, prompts, *, method: str = "gem", normalize=True, return_ori=False,
+                 template=DEFAULT_TEMPLATE, execution: Execution | None = None, **knobs):
+        """Heatmaps of a dense method (default GEM; see `gem_jax.methods.METHODS`).
 
         prompts: a list of strings shared by all images → array [B, P, H, W]; or a list of lists,
         one per image → list of [P_i, H, W] arrays.  Min-max normalized per map if `normalize`
         (a constant map gives zeros); raw cosine similarities otherwise.  `return_ori` uses the
-        original CLIP tokens instead of GEM's.  ss_attn_temp may be one value per image ([B]).
+        original CLIP tokens instead of the method's.  `knobs` are the method's (GEM:
+        gem_depth=7, ss_attn_iter=1, ss_attn_temp=None (adaptive; or one value per image [B]),
+        branches=("q","k","v")); a knob that does not apply to the method is an error.
 
         Prompts are padded to `bucket(P)` (powers of two, at least 8) with a mask, so prompt
         counts 1..8 -- shared or ragged, in any mix -- run one compiled function.
         """
         pixels = check_pixels(pixels, self.config.vision)
-        check_knobs(self.config.vision, gem_depth, ss_attn_iter, ss_attn_temp)
+        m, kn = self._method(method, knobs)
         ragged = not isinstance(prompts, str) and isinstance(prompts, Sequence) and len(prompts) > 0 \
             and all(isinstance(p, (list, tuple)) for p in prompts)
         if ragged:
@@ -406,17 +397,17 @@ class GEMModel:
             emb = jnp.where(mask[..., None], emb[idx], 0)
         else:
             emb = jnp.pad(emb, ((0, bucket(len(flat)) - len(flat)), (0, 0)))
-        maps = heatmaps_fn(self.params, pixels, emb, *_knob_arrays(gem_depth, ss_attn_iter, ss_attn_temp),
-                           cfg=self.config, branches=gem.check_branches(branches),
-                           use_ori=return_ori, normalize=normalize,
-                           max_iter=_max_iter(ss_attn_iter), ex=execution or self.execution)
+        maps = dense_heatmaps(self.params, pixels, emb, kn, cfg=self.config, method=m,
+                              use_ori=return_ori, normalize=normalize,
+                              ex=execution or self.execution)
         if ragged:
             return [maps[i, :len(ps)] for i, ps in enumerate(per_image)]
         return maps[:, :len(flat)]
 
     def segment(self, pixels, class_names, *, background_threshold=None, normalize=True,
-                template=DEFAULT_TEMPLATE, **gem_knobs):
-        """Per-pixel class ids [B, H, W] (int32) from GEM heatmaps over `class_names`.
+                template=DEFAULT_TEMPLATE, **knobs):
+        """Per-pixel class ids [B, H, W] (int32) from a method's heatmaps over `class_names`
+        (`method=` and its knobs as in `heatmaps`).
 
         Without a threshold ids are 0..C-1 (argmax).  With `background_threshold`, classes are
         numbered from 1 and 0 is background wherever the highest softmax probability over the
@@ -427,7 +418,7 @@ class GEMModel:
         if isinstance(class_names, Sequence) and not isinstance(class_names, str) and class_names \
                 and all(isinstance(c, (list, tuple)) for c in class_names):
             raise TypeError("segment takes one list of class names shared by all images")
-        scores = self.heatmaps(pixels, class_names, normalize=normalize, template=template, **gem_knobs)
+        scores = self.heatmaps(pixels, class_names, normalize=normalize, template=template, **knobs)
         return _maps.segment_from_scores(scores, background_threshold)
 
 

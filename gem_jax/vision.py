@@ -27,12 +27,19 @@ def patch_grid(cfg: VisionConfig, height: int, width: int) -> tuple[int, int]:
     return height // p, width // p
 
 
-def pos_embed(p, cfg: VisionConfig, grid: tuple[int, int]):
-    """The positional embedding for a patch grid: [1 + gh*gw, D]."""
-    return resample_pos_embed(p["pos_embed"], grid, (cfg.grid, cfg.grid))
+POS_EMBED_MODES = {"antialias": resample_pos_embed}
 
 
-def embed(p, cfg: VisionConfig, pixels, dtype=None):
+def pos_embed(p, cfg: VisionConfig, grid: tuple[int, int], mode: str = "antialias"):
+    """The positional embedding for a patch grid: [1 + gh*gw, D].  `mode` names how a learned
+    grid is resampled to another (methods differ: GEM/open_clip antialiased bicubic, ...)."""
+    if mode not in POS_EMBED_MODES:
+        raise ValueError(f"unknown positional-embedding resampling {mode!r}; "
+                         f"known: {', '.join(POS_EMBED_MODES)}")
+    return POS_EMBED_MODES[mode](p["pos_embed"], grid, (cfg.grid, cfg.grid))
+
+
+def embed(p, cfg: VisionConfig, pixels, dtype=None, pos_mode: str = "antialias"):
     """Patchify, prepend the class token, add positions, LN_pre.  → [B, 1+N, D] in `dtype`
     (default: the pixels' dtype)."""
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
@@ -47,7 +54,7 @@ def embed(p, cfg: VisionConfig, pixels, dtype=None):
     x = layers.linear("patch_embed", x, {"kernel": p["patch_embed"]}, "bhpwqc,pqcd->bhwd")
     x = x.reshape(b, gh * gw, -1)
     cls = jnp.broadcast_to(p["cls"].astype(x.dtype), (b, 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1) + pos_embed(p, cfg, (gh, gw)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + pos_embed(p, cfg, (gh, gw), pos_mode).astype(x.dtype)
     return layers.layer_norm(x, p["ln_pre"], cfg.ln_eps)
 
 
@@ -69,7 +76,8 @@ def encode(p, cfg: VisionConfig, pixels, *, method=None, knobs=None, with_ori: b
     blocks = the per-block values methods consume, stacked over layers: x (block input)
     [L,B,1+N,D], h (= LN1(x)) [L,B,1+N,D], q, k, v [L,B,H,1+N,K].
     """
-    x = embed(p, cfg, pixels, ex.jnp_dtype)
+    x = embed(p, cfg, pixels, ex.jnp_dtype, getattr(method, "pos_embed", "antialias"))
+    with_ori = with_ori or getattr(method, "needs_ori", False)
     finish_last = with_ori or method is None
     x, s, blocks = tower.run(p["blocks"], x, cfg, impl=ex.attention, method=method, knobs=knobs,
                              ex=ex, collect=return_blocks, finish_last=finish_last)
@@ -80,6 +88,8 @@ def encode(p, cfg: VisionConfig, pixels, *, method=None, knobs=None, with_ori: b
         out["hidden"] = x
     if method is not None:
         dense = head(p, cfg, s)
+        if hasattr(method, "finish"):
+            dense = method.finish(dense, out["tokens"])
         ok = method.valid(cfg.layers, knobs)
         out["dense"] = jnp.where(jnp.reshape(ok, jnp.shape(ok) + (1,) * (3 - jnp.ndim(ok))),
                                  dense, jnp.nan)

@@ -148,12 +148,12 @@ def test_knob_sweeps_do_not_recompile(b32q):
     pixels = random_pixels(6, 1, 64, 64)
     model.heatmaps(pixels, PROMPTS, ss_attn_temp=2.0)
     model.heatmaps(pixels, PROMPTS)
-    before = gem_jax.heatmaps_fn._cache_size()
+    before = gem_jax.model.dense_heatmaps._cache_size()
     for depth, iters, temp in [(3, 0, 1.0), (5, 2, 3.0), (13, 4, 10.0), (2, 1, 0.5)]:
         model.heatmaps(pixels, PROMPTS, gem_depth=depth, ss_attn_iter=iters, ss_attn_temp=temp)
     for depth in (4, 9):
         model.heatmaps(pixels, PROMPTS, gem_depth=depth)
-    assert gem_jax.heatmaps_fn._cache_size() == before
+    assert gem_jax.model.dense_heatmaps._cache_size() == before
 
 
 def test_vmap_over_temperature_equals_loop(b32q):

@@ -137,13 +137,13 @@ def test_prompt_counts_one_to_eight_share_one_compilation(model):
     words = ["cat", "dog", "car", "tree", "sky", "road", "house", "boat"]
     model.heatmaps(px, words[:1], gem_depth=3)                 # warm-up: shared prompts
     model.heatmaps(px, [words[:1], words[:2]], gem_depth=3)    # warm-up: ragged prompts
-    hm, tx = gem_jax.heatmaps_fn._cache_size(), gem_jax.encode_text._cache_size()
+    hm, tx = gem_jax.model.dense_heatmaps._cache_size(), gem_jax.encode_text._cache_size()
     for n in range(1, 9):
         out = model.heatmaps(px, words[:n], gem_depth=3)
         assert out.shape == (2, n, 32, 32)
         rag = model.heatmaps(px, [words[:n], words[:9 - n]], gem_depth=3)
         assert [r.shape[0] for r in rag] == [n, 9 - n]
-    assert gem_jax.heatmaps_fn._cache_size() == hm
+    assert gem_jax.model.dense_heatmaps._cache_size() == hm
     assert gem_jax.encode_text._cache_size() == tx
     # Ragged equals each image's shared-prompt maps (padding and masks change nothing).
     rag = model.heatmaps(px, [words[:3], words[3:8]], gem_depth=3)

@@ -6,6 +6,15 @@ A method is a frozen (hashable, static under jit) dataclass with
     start(n_layers, knobs) -> int | Array          first block of the method's stream
     valid(n_layers, knobs) -> bool Array            False: the tokens become NaN (traced knobs)
     block(bp, s, vars, knobs, cfg, ex) -> s         one block; vars = x, h, q, k, v
+    check(n_layers, knobs) -> None                  ValueError for concrete out-of-range knobs
+    for_knobs(knobs) -> method                      the method adapted to concrete knobs (or self)
+optional:
+    pos_embed: str                                  positional-embedding resampling for
+                                                    non-native grids (default "antialias")
+    needs_ori: bool; finish(dense, ori) -> dense    post-process the final tokens with the
+                                                    original stream's (e.g. CLIP Surgery's class
+                                                    token)
+    similarity(tokens, text_emb, grid) -> [B,P,gh,gw]   replaces the patch-text cosine
 """
 
 from __future__ import annotations

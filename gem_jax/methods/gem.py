@@ -18,6 +18,7 @@ knobs out of range give NaN tokens, never a silently clamped result.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 from .. import layers
 
 BRANCHES = ("q", "k", "v")
+MAX_SS_ATTN_TEMP = 1e6
 MAX_ITER = 8  # default static bound of the traced iteration count (a masked loop of this length)
 
 
@@ -158,6 +160,34 @@ class GEM:
     knob_names = ("gem_depth", "ss_attn_iter", "ss_attn_temp")
     defaults = dict(gem_depth=7, ss_attn_iter=1, ss_attn_temp=None)
     per_image = ("ss_attn_temp",)  # knobs that may hold one value per image
+
+    def check(self, n_layers: int, kn) -> None:
+        """Clear errors for concrete out-of-range knobs (traced ones give NaN, see `valid`)."""
+        d, it, t = kn["gem_depth"], kn["ss_attn_iter"], kn["ss_attn_temp"]
+        check_depth(d, n_layers)
+        if isinstance(it, float):
+            raise TypeError(f"ss_attn_iter must be an integer, got {it!r}")
+        if isinstance(it, (int, np.integer)) and it < 0:
+            raise ValueError(f"ss_attn_iter must be >= 0, got {it}")
+        if t is not None and not isinstance(t, jax.core.Tracer):
+            try:
+                a = np.asarray(t, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"ss_attn_temp must be a number or None, got {t!r}") from None
+            if not np.isfinite(a).all() or (a < 0).any():
+                raise ValueError(f"ss_attn_temp must be a finite inverse temperature >= 0, got {t}")
+            # 1e3 is already a hard argmax; the bound keeps τ·cosine meaningful in float32.
+            if a.size and np.abs(a).max() > MAX_SS_ATTN_TEMP:
+                raise ValueError(f"ss_attn_temp must be within [-{MAX_SS_ATTN_TEMP:g}, "
+                                 f"{MAX_SS_ATTN_TEMP:g}], got {t}")
+
+    def for_knobs(self, kn) -> "GEM":
+        """This method with `max_iter` raised to cover a concrete iteration count above it (the
+        next power of two, so a sweep over counts compiles once)."""
+        it = kn["ss_attn_iter"]
+        if isinstance(it, (int, np.integer)) and it > self.max_iter:
+            return dataclasses.replace(self, max_iter=1 << (int(it) - 1).bit_length())
+        return self
 
     def start(self, n_layers: int, kn):
         return n_layers - (kn["gem_depth"] - 1)
