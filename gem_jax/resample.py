@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MODES", "interp_matrix", "resize", "resample_pos_embed"]
+__all__ = ["MODES", "interp_matrix", "resize", "resample_pos_embed", "pos_embed_scale_factor",
+           "pos_embed_by_size"]
 
 MODES = ("bilinear", "bicubic", "bilinear_aa", "bicubic_aa")
 
@@ -75,16 +76,21 @@ def _check_sizes(in_size, out_size, mode):
             raise ValueError(f"{name} must be >= 1, got {v}")
 
 
-def interp_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
+def interp_matrix(in_size: int, out_size: int, mode: str, scale: Optional[float] = None) -> np.ndarray:
     """Dense ``[out_size, in_size]`` float64 matrix ``W`` such that
     ``y = W @ x`` equals ``F.interpolate`` along one axis (``align_corners=False``).
 
     ``mode`` is one of ``"bilinear"``, ``"bicubic"``, ``"bilinear_aa"``,
-    ``"bicubic_aa"`` (see the module docstring).
+    ``"bicubic_aa"`` (see the module docstring).  ``scale`` (non-antialiased
+    modes only) overrides the source-coordinate step ``in_size / out_size``:
+    torch uses ``1 / scale_factor`` when ``F.interpolate`` is called with a
+    ``scale_factor`` (and ``recompute_scale_factor`` unset or False).
     """
     _check_sizes(in_size, out_size, mode)
     in_size, out_size = int(in_size), int(out_size)
-    scale = in_size / out_size
+    if scale is not None and mode.endswith("_aa"):
+        raise ValueError("an explicit scale is only supported for the non-antialiased modes")
+    scale = in_size / out_size if scale is None else float(scale)
     W = np.zeros((out_size, in_size), dtype=np.float64)
     dst = np.arange(out_size, dtype=np.float64)
     rows = np.arange(out_size)
@@ -234,3 +240,55 @@ def resample_pos_embed(
     grid = resize(grid, (new_h, new_w), mode, axes=(-3, -2))
     grid = grid.reshape(*lead, new_h * new_w, d).astype(prefix.dtype)
     return jnp.concatenate([prefix, grid], axis=-2)
+
+
+def _split_square(pos, native_grid):
+    """(prefix row [1, D], grid [h, w, D]) of a [1 + h*w, D] table with its native grid."""
+    h, w = _grid2(native_grid, "native_grid")
+    if pos.ndim != 2 or pos.shape[0] != 1 + h * w:
+        raise ValueError(f"pos must be [1 + {h}*{w}, D] for a {h}x{w} grid, got {tuple(pos.shape)}")
+    pos = jnp.asarray(pos)
+    return pos[:1], pos[1:].reshape(h, w, -1)
+
+
+def pos_embed_scale_factor(pos, new_grid, native_grid):
+    """The positional table of the SCLIP family (SCLIP, ClearCLIP, NACLIP) for a patch grid.
+
+    Their ``interpolate_pos_encoding`` (wangf3014/SCLIP@b56bd301 clip/model.py L263-281,
+    sinahmr/NACLIP@0cac3a65 clip/model.py L134-151, mc-lan/ClearCLIP@ad68a404
+    open_clip/transformer.py L569-587) calls
+    ``F.interpolate(pe, scale_factor=((gh + 0.1) / s, (gw + 0.1) / s), mode="bicubic")``
+    (s = √N the native side, no antialias), i.e. output pixel i samples the source at
+    ``(i + 0.5) · s / (g + 0.1) − 0.5`` -- not the ``s / g`` of a size-based resize.  It is applied
+    only when the token count differs from the native one: a grid with as many patches as the
+    native grid (e.g. 7x28 for 14x14) gets the native table unchanged (upstream quirk, kept).
+    pos [1 + s*s, D] → [1 + gh*gw, D].
+    """
+    gh, gw = _grid2(new_grid, "new_grid")
+    nh, nw = _grid2(native_grid, "native_grid")
+    if gh * gw == nh * nw:
+        return pos
+    if nh != nw:
+        raise ValueError(f"the scale-factor rule assumes a square native grid, got {(nh, nw)}")
+    prefix, grid = _split_square(pos, (nh, nw))
+    s = math.sqrt(nh * nw)
+    # torch: output size floor(s · (g + 0.1) / s) = g, step 1 / scale_factor = s / (g + 0.1)
+    mh = interp_matrix(nh, gh, "bicubic", scale=1.0 / ((gh + 0.1) / s))
+    mw = interp_matrix(nw, gw, "bicubic", scale=1.0 / ((gw + 0.1) / s))
+    grid = _apply_axis(_apply_axis(grid, mh, 0), mw, 1)
+    return jnp.concatenate([prefix, grid.reshape(gh * gw, -1).astype(prefix.dtype)], axis=0)
+
+
+def pos_embed_by_size(pos, new_grid, native_grid, mode: str = "bicubic", *,
+                      same_count: bool = False):
+    """A size-based, non-antialiased resize of the positional grid (``F.interpolate(pe,
+    size=(gh, gw), mode=mode)``): CLIP Surgery's ``"bilinear"`` and mmseg's (official MaskCLIP)
+    ``"bicubic"``.  same_count: skip when the token count equals the native one (mmseg's
+    condition) instead of when the grid equals it."""
+    gh, gw = _grid2(new_grid, "new_grid")
+    nh, nw = _grid2(native_grid, "native_grid")
+    if (gh, gw) == (nh, nw) or (same_count and gh * gw == nh * nw):
+        return pos
+    prefix, grid = _split_square(pos, (nh, nw))
+    grid = resize(grid, (gh, gw), mode, axes=(0, 1))
+    return jnp.concatenate([prefix, grid.reshape(gh * gw, -1).astype(prefix.dtype)], axis=0)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from . import layers, tower
 from .config import VisionConfig
-from .resample import resample_pos_embed
+from .resample import pos_embed_by_size, pos_embed_scale_factor, resample_pos_embed
 
 
 def patch_grid(cfg: VisionConfig, height: int, width: int) -> tuple[int, int]:
@@ -27,7 +27,12 @@ def patch_grid(cfg: VisionConfig, height: int, width: int) -> tuple[int, int]:
     return height // p, width // p
 
 
-POS_EMBED_MODES = {"antialias": resample_pos_embed}
+POS_EMBED_MODES = {
+    "antialias": resample_pos_embed,          # GEM / open_clip: antialiased bicubic
+    "scale_factor": pos_embed_scale_factor,   # SCLIP, ClearCLIP, NACLIP: bicubic, scale (g+0.1)/s
+    "bilinear": lambda pe, g, n: pos_embed_by_size(pe, g, n, "bilinear"),          # CLIP Surgery
+    "mmseg": lambda pe, g, n: pos_embed_by_size(pe, g, n, "bicubic", same_count=True),  # MaskCLIP
+}
 
 
 def pos_embed(p, cfg: VisionConfig, grid: tuple[int, int], mode: str = "antialias"):
