@@ -81,6 +81,8 @@ def encode(p, cfg: VisionConfig, pixels, *, method=None, knobs=None, with_ori: b
     blocks = the per-block values methods consume, stacked over layers: x (block input)
     [L,B,1+N,D], h (= LN1(x)) [L,B,1+N,D], q, k, v [L,B,H,1+N,K].
     """
+    if hasattr(method, "for_grid"):  # methods that depend on the patch grid (NACLIP's Ω)
+        method = method.for_grid(patch_grid(cfg, pixels.shape[1], pixels.shape[2]))
     x = embed(p, cfg, pixels, ex.jnp_dtype, getattr(method, "pos_embed", "antialias"))
     with_ori = with_ori or getattr(method, "needs_ori", False)
     finish_last = with_ori or method is None
