@@ -15,13 +15,35 @@ optional:
                                                     original stream's (e.g. CLIP Surgery's class
                                                     token)
     similarity(tokens, text_emb, grid) -> [B,P,gh,gw]   replaces the patch-text cosine
+    for_grid(grid) -> method                        the method for this input's patch grid
+                                                    (gh, gw) (NACLIP's Ω); vision.encode calls it
+
+Methods (one file each, with its formula, knobs and upstream source in the module docstring):
+    gem        GEM: self-self attention in the last gem_depth-1 blocks (Bousselham et al. 2024)
+    maskclip   MaskCLIP: last block out_proj(v), no residual/FFN (residual=True: official code)
+    surgery    CLIP Surgery: v-v attention path in the last 6 blocks + feature surgery
+    sclip      SCLIP: last block x + out_proj((softmax(s·qqᵀ) + softmax(s·kkᵀ))·v), then MLP
+    clearclip  ClearCLIP: last block out_proj(softmax(s·qqᵀ)·v), no residual/FFN
+    naclip     NACLIP: last block out_proj(softmax(s·kkᵀ + Ω)·v), Ω a Gaussian on the patch grid
 """
 
 from __future__ import annotations
 
+from .clearclip import ClearCLIP
 from .gem import GEM
+from .maskclip import MaskCLIP
+from .naclip import NACLIP
+from .sclip import SCLIP
+from .surgery import Surgery
 
-METHODS = {"gem": GEM}
+METHODS = {"gem": GEM, "maskclip": MaskCLIP, "surgery": Surgery, "sclip": SCLIP,
+           "clearclip": ClearCLIP, "naclip": NACLIP}
+
+
+def _options(cls) -> set:
+    """A method's static options: its dataclass fields, except private ones (set by hooks)."""
+    import dataclasses
+    return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
 
 
 def get(name: str, **static):
@@ -35,11 +57,10 @@ def build(name: str, **kwargs):
     """(method object, knobs dict) from keyword arguments: the method's knob names become traced
     knobs (defaults filled in), every other keyword a static option of the method.  Arguments
     that do not apply to the method are an error naming the method's knobs and options."""
-    import dataclasses
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     cls = METHODS[name]
-    options = {f.name for f in dataclasses.fields(cls)}
+    options = _options(cls)
     bad = sorted(k for k in kwargs if k not in cls.knob_names and k not in options)
     if bad:
         raise ValueError(f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to method "
