@@ -423,3 +423,11 @@ def test_float16_runs_in_heatmap(capsys, ckpt, tmp_path):
     assert rc == 0, err
     raw = np.load(tmp_path / "o" / "a_raw.npy")
     assert raw.dtype == np.float32 and np.isfinite(raw).all()
+
+
+def test_eval_out_is_a_directory(capsys, tmp_path):
+    (tmp_path / "results").mkdir()
+    rc, so, err = run(capsys, "eval", "--dataset", "voc21", "--root", tmp_path, "--out",
+                      tmp_path / "results")
+    assert rc == 2 and "results is a directory; eval writes one JSON file" in err
+    assert list((tmp_path / "results").iterdir()) == []

@@ -210,6 +210,9 @@ def run(args) -> int:
     except ValueError as e:
         return _err(str(e), 2)
     out = Path(args.out or f"eval-{spec.name}-{args.protocol}.json")
+    if out.is_dir():  # the same output rule as every command: say what is wrong, exit 2
+        return _err(f"--out {out} is a directory; eval writes one JSON file (e.g. --out "
+                    f"{out / f'eval-{spec.name}-{args.protocol}.json'})", 2)
 
     from .datasets import DatasetError
     from .protocols import PROTOCOLS
