@@ -57,7 +57,8 @@ CASES = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tree", action="append", required=True, metavar="NAME=DIR")
+    ap.add_argument("--tree", action="append", required=True, metavar="NAME=DIR[@DTYPE]",
+                    help="a source tree to measure, optionally with its own compute dtype")
     ap.add_argument("--cases", default="b16-448-b1,b16-448-b8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
@@ -71,10 +72,11 @@ def main(argv=None) -> int:
             arch, size, batch = CASES[case]
             order = trees if r % 2 == 0 else trees[::-1]
             for name, d in order:
+                d, _, dtype = d.partition("@")
                 env = dict(os.environ, PYTHONPATH=os.path.abspath(d))
                 with tempfile.TemporaryDirectory() as tmp:  # never pick up an installed copy first
                     p = subprocess.run([sys.executable, "-c", WORKER, arch, str(size), str(batch),
-                                        str(a.repeats), a.dtype], capture_output=True, text=True,
+                                        str(a.repeats), dtype or a.dtype], capture_output=True, text=True,
                                        env=env, cwd=tmp)
                 if p.returncode:
                     print(p.stderr[-3000:], file=sys.stderr)

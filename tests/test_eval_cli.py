@@ -245,7 +245,7 @@ def test_usage_and_runtime_errors(ckpt, tmp_path, capsys):
     assert main(["--dataset", "ade20k"] + base) == 1                  # not under root
     assert "ADEChallengeData2016" in capsys.readouterr().err
     assert main(["--dataset", "voc20", "--root", str(tmp_path), "--model",
-                 str(tmp_path / "no_model")] + KNOBS[:-1] + ["--out", str(tmp_path / "y.json")]) == 1
+                 str(tmp_path / "no_model")] + KNOBS[:-1] + ["--out", str(tmp_path / "y.json")]) == 2
     assert main(["--help"]) == 0 and "--background-threshold" in capsys.readouterr().out
 
 

@@ -90,7 +90,8 @@ def test_demo_command(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n", "2", "--quiet"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["scene_0.png", "scene_0_grid.png", "scene_1.png", "scene_1_grid.png"]
+    assert names == ["manifest.json", "scene_0.png", "scene_0_grid.png", "scene_1.png",
+                     "scene_1_grid.png"]
     assert main(["demo", "--out", str(out), "--n", "2"]) == 1  # refuses to overwrite
     assert "already exists" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), "--n", "1", "--force", "--no-subtract-mean"]) == 0
