@@ -1,6 +1,6 @@
 """Side-by-side benchmark: gem-jax vs the PyTorch reference (gem_torch on open_clip).
 
-    gem-jax bench [--cases NAME ...] [--repeats 5] [--out benchmarks/results]
+    gem-jax bench [--cases NAME ...] [--repeats 5] [--half bfloat16] [--out benchmarks/results]
 
 Each (case, implementation) runs in a fresh worker process, so its peak RSS is its own; both use
 the same random-weight checkpoint (or `--model DIR`) and the same inputs, and the parent reports
@@ -92,10 +92,12 @@ def _prompts(case: Case):
 
 
 # ----------------------------------------------------------------------------- workers
-def _work_jax(case: Case, ckpt: str, repeats: int, out: str, gem_depth: int = 7) -> dict:
+def _work_jax(case: Case, ckpt: str, repeats: int, out: str, gem_depth: int = 7,
+              dtype: str = "float32") -> dict:
     import jax
+    import jax.numpy as jnp
     import gem_jax
-    m = gem_jax.load(ckpt)
+    m = gem_jax.load(ckpt, dtype=jnp.dtype(dtype))
     px = jax.device_put(_pixels(case))
     emb = m.encode_text([f"a photo of a {p}." for p in _prompts(case)])
     fn = gem_jax.heatmaps_fn
@@ -147,15 +149,16 @@ def _work_torch(case: Case, ckpt: str, repeats: int, out: str) -> dict:
                 run_peak_rss_mb=_peak_rss_mb())
 
 
-def matmul_rate(sizes=(1024, 1536, 2048), repeats: int = 10) -> float:
-    """This machine's fp32 jit matmul rate (GFLOP/s): the best over square sizes of the median of
+def matmul_rate(sizes=(1024, 1536, 2048), repeats: int = 10, dtype: str = "float32") -> float:
+    """This machine's jit matmul rate (GFLOP/s) in `dtype` (operands; accumulation and result in
+    float32, as our half-precision path runs): the best over square sizes of the median of
     `repeats` runs (the rate varies with size; the best one is the demanding denominator)."""
     import jax
     import jax.numpy as jnp
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     best = 0.0
     for n in sizes:
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
         f(a, a).block_until_ready()
         ts = []
         for _ in range(repeats):
@@ -190,19 +193,25 @@ def _checkpoint(arch: str, cache: Path) -> Path:
     return d
 
 
-def _spawn(impl: str, case: Case, ckpt: Path, repeats: int, out: Path) -> dict:
+def _spawn(impl: str, case: Case, ckpt: Path, repeats: int, out: Path,
+           dtype: str = "float32") -> dict:
     cmd = [sys.executable, "-m", "gem_jax.bench", "--worker", impl, "--case", case.name,
-           "--model", str(ckpt), "--repeats", str(repeats), "--npy", str(out)]
+           "--model", str(ckpt), "--repeats", str(repeats), "--npy", str(out), "--dtype", dtype]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{impl} worker failed on {case.name}:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_cases(cases, repeats: int, cache: Path, with_torch: bool = True, model: str | None = None):
+def run_cases(cases, repeats: int, cache: Path, with_torch: bool = True, model: str | None = None,
+              half: tuple = ()):
+    """fp32 rows (gem-jax vs gem_torch) and, for each dtype in `half`, the same case in that
+    compute dtype beside gem-jax fp32: speedup, share of that dtype's matmul rate, and accuracy
+    of its normalized maps against fp32 (max |Δ|, share of pixels whose argmax prompt agrees)."""
     import gem_jax
     cache.mkdir(parents=True, exist_ok=True)
     rate = matmul_rate()
+    rates = {dt: matmul_rate(dtype=dt) for dt in half}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
@@ -221,9 +230,23 @@ def run_cases(cases, repeats: int, cache: Path, with_torch: bool = True, model: 
                 a, b = np.load(Path(tmp) / "jax.npy"), np.load(Path(tmp) / "torch.npy")
                 row["max_abs_diff"] = float(np.abs(a - b).max())
                 row["speedup"] = row["torch"]["median_s"] / row["jax"]["median_s"]
+            ref = np.load(Path(tmp) / "jax.npy")
+            for dt in half:
+                out = Path(tmp) / f"jax-{dt}.npy"
+                res = _spawn("jax", case, ckpt, repeats, out, dt)
+                med = float(np.median(res["times"]))
+                h = np.load(out).astype(np.float32)
+                gf = flops["total"] * case.batch / med / 1e9
+                row[dt] = dict(res, median_s=med, images_per_s=case.batch / med, gflops=gf,
+                               share_of_matmul_rate=gf / rates[dt],
+                               speedup_vs_fp32=row["jax"]["median_s"] / med,
+                               max_abs_diff_vs_fp32=float(np.abs(h - ref).max()),
+                               argmax_agreement=float((h.argmax(1) == ref.argmax(1)).mean()),
+                               finite=bool(np.isfinite(h).all()))
             rows.append(row)
             print(_row_md(row), flush=True)
-    return dict(machine=_machine(), matmul_gflops=rate, repeats=repeats, rows=rows)
+    return dict(machine=_machine(), matmul_gflops=rate, half_matmul_gflops=rates,
+                repeats=repeats, rows=rows)
 
 
 def _machine() -> dict:
@@ -265,7 +288,24 @@ def to_markdown(result) -> str:
              f"run peak RSS = peak resident memory of the worker process while running (after "
              f"loading; load peaks are in the JSON).", "", HEADER]
     lines += [_row_md(r) for r in result["rows"]]
+    for dt, r in result.get("half_matmul_gflops", {}).items():
+        lines += ["", f"Half precision ({dt} operands, float32 accumulation, softmax and LayerNorm "
+                      f"statistics; same run): {dt} matmul rate {r:.0f} GFLOP/s vs float32 "
+                      f"{result['matmul_gflops']:.0f} GFLOP/s.", "", HALF_HEADER]
+        lines += [_half_md(row, dt) for row in result["rows"] if dt in row]
     return "\n".join(lines) + "\n"
+
+
+HALF_HEADER = ("| case | fp32 median s | half median s | speedup | GFLOP/s (share of half matmul) | "
+               "max abs diff of normalized maps vs fp32 | argmax agreement |\n"
+               "|---|---|---|---|---|---|---|")
+
+
+def _half_md(row, dt) -> str:
+    h = row[dt]
+    return (f"| {row['case']['name']} | {row['jax']['median_s']:.3f} | {h['median_s']:.3f} | "
+            f"{h['speedup_vs_fp32']:.2f}x | {h['gflops']:.0f} ({100 * h['share_of_matmul_rate']:.0f}%) | "
+            f"{h['max_abs_diff_vs_fp32']:.1e} | {100 * h['argmax_agreement']:.2f}% |")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -283,19 +323,26 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="where random-weight checkpoints are kept")
     p.add_argument("--model", default=None, help="use this checkpoint for every case")
     p.add_argument("--no-torch", action="store_true", help="run gem-jax only")
+    p.add_argument("--half", nargs="*", default=[], choices=["bfloat16", "float16"],
+                   help="also run gem-jax in these compute dtypes beside float32 (rows with "
+                        "speedup, matmul-rate share and accuracy vs float32)")
     p.add_argument("--force", action="store_true", help="overwrite existing result files")
     # internal: one measurement in a fresh process
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--npy", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     return p
 
 
 def run(args) -> int:
     if args.worker:
         case = next(c for c in CASES if c.name == args.case)
-        work = _work_jax if args.worker == "jax" else _work_torch
-        print(json.dumps(work(case, args.model, args.repeats, args.npy)))
+        if args.worker == "jax":
+            res = _work_jax(case, args.model, args.repeats, args.npy, dtype=args.dtype)
+        else:
+            res = _work_torch(case, args.model, args.repeats, args.npy)
+        print(json.dumps(res))
         return 0
     out = Path(args.out)
     paths = [out.with_suffix(".json"), out.with_suffix(".md")]
@@ -305,7 +352,8 @@ def run(args) -> int:
     cases = [c for c in CASES if args.cases is None or c.name in args.cases]
     print(HEADER, flush=True)
     try:
-        result = run_cases(cases, args.repeats, Path(args.cache), not args.no_torch, args.model)
+        result = run_cases(cases, args.repeats, Path(args.cache), not args.no_torch, args.model,
+                           tuple(args.half))
     except (RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
