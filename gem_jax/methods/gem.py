@@ -65,6 +65,10 @@ def _ss_exp(x, tau, nonneg):
     """
     acc = layers.acc_dtype(x.dtype)
     xn = layers.l2_normalize(x)
+    if xn.dtype != acc:
+        # One rounded x̂ for both its norms and its products: otherwise XLA may elide the
+        # rounding on one side, and the cosines exceed 1 by ~2^-8 (exp overflows for large τ).
+        xn = jax.lax.optimization_barrier(xn)
     tau = jnp.reshape(tau, jnp.shape(tau) + (1, 1, 1)).astype(acc)
     n = jnp.linalg.norm(xn.astype(acc), axis=-1, keepdims=True)            # [B,H,N,1]
     r = jnp.where(n > 0, 1 / jnp.where(n > 0, n, 1), 0)
