@@ -33,6 +33,7 @@ from typing import Sequence
 from .argtypes import DTYPES, finite_float as _finite_float, gem_depth, model_source
 from .argtypes import nonneg_int as _nonneg_int, positive_int as _positive_int, temperature
 from .argtypes import unit_float as _unit_float
+from .distributed import add_distributed_args
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 DEFAULT_OUT = "gem-jax-out"
@@ -84,15 +85,52 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_MOD
                         "~/.cache/gem_jax/xla) so later runs start without compiling")
 
 
+class _Explicit(argparse._StoreAction):
+    """Store the value and remember that the option was given (in `namespace._explicit`), so
+    that a knob given for a method it does not apply to is a usage error, while its default
+    is silently left out."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        explicit = set(getattr(namespace, "_explicit", ()) or ())
+        explicit.add(self.dest)
+        setattr(namespace, "_explicit", explicit)
+
+
+# CLI option -> (argparse dest, the method knob it sets)
+GEM_KNOB_FLAGS = {"--gem-depth": ("gem_depth", "gem_depth"), "--iters": ("iters", "ss_attn_iter"),
+                  "--temp": ("temp", "ss_attn_temp")}
+
+
 def add_knob_args(g, *, temp_default=None) -> None:
     """GEM's knobs, parsed the same way by every command."""
-    g.add_argument("--gem-depth", type=gem_depth, default=7, metavar="D",
-                   help="GEM modifies the last D-1 blocks (default 7; valid 2..layers+1)")
-    g.add_argument("--iters", type=_nonneg_int, default=1, metavar="N",
-                   help="self-self attention iterations (default 1)")
-    g.add_argument("--temp", type=temperature, default=temp_default, metavar="T",
+    g.add_argument("--gem-depth", type=gem_depth, default=7, metavar="D", action=_Explicit,
+                   help="GEM modifies the last D-1 blocks (default 7; valid 2..layers+1; "
+                        "--method gem only)")
+    g.add_argument("--iters", type=_nonneg_int, default=1, metavar="N", action=_Explicit,
+                   help="self-self attention iterations (default 1; --method gem only)")
+    g.add_argument("--temp", type=temperature, default=temp_default, metavar="T", action=_Explicit,
                    help="self-self attention inverse temperature >= 0, or 'adaptive' (default: "
-                        + ("adaptive" if temp_default is None else f"{temp_default:g}") + ")")
+                        + ("adaptive" if temp_default is None else f"{temp_default:g}")
+                        + "; --method gem only)")
+
+
+def method_knobs(parser, args) -> dict:
+    """The knobs of --method from the command line: GEM's three for gem; for another method,
+    none of them (its own defaults apply).  A GEM knob given explicitly with another method is a
+    usage error naming the method's knobs."""
+    from gem_jax import methods
+    method = getattr(args, "method", "gem")
+    cls = methods.METHODS[method]
+    explicit = getattr(args, "_explicit", set()) or set()
+    bad = [flag for flag, (dest, knob) in GEM_KNOB_FLAGS.items()
+           if dest in explicit and knob not in cls.knob_names]
+    if bad:
+        parser.error(f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to method "
+                     f"{method!r} (GEM's knobs; {method}'s knobs: "
+                     f"{', '.join(cls.knob_names) or 'none'}, left at their defaults)")
+    return {knob: getattr(args, dest) for dest, knob in GEM_KNOB_FLAGS.values()
+            if knob in cls.knob_names}
 
 
 def add_gem_args(p: argparse.ArgumentParser) -> None:
@@ -108,8 +146,18 @@ def add_gem_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=methods, default=methods[0],
                    help=f"heatmap method (default {methods[0]})")
     g.add_argument("--batch-size", "-b", type=_positive_int, default=4, metavar="N",
-                   help="images read and processed together (default 4); only one batch of "
-                        "images is held in memory at a time")
+                   help="images per step on each process (default 4; rounded up to a multiple "
+                        "of its devices); a few batches are held in memory at a time")
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--workers", type=int, default=-1, metavar="N",
+                   help="processes decoding and preprocessing images (grain); 0: threads of this "
+                        "process; default: 0 below 256 images, else min(8, cores/2)")
+    g.add_argument("--writers", type=_positive_int, default=2, metavar="N",
+                   help="threads writing outputs (default 2)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out (manifest.json and the journals of "
+                        "a crashed run): skip the images already complete, redo the others; "
+                        "needs the same settings")
 
 
 def add_output_args(p: argparse.ArgumentParser, *, npy_help: str) -> None:
@@ -162,6 +210,8 @@ def check_knobs(parser, model, args) -> None:
     if args.size < v.patch_size:
         parser.error(f"--size {args.size} is smaller than one {v.patch_size}-pixel patch of model "
                      f"{args.model}; use --size {v.patch_size} or more (GEM's protocol: 448)")
+    if getattr(args, "method", "gem") != "gem":
+        return  # the method's own knobs are checked when its step is built
     if not 2 <= args.gem_depth <= v.layers + 1:
         parser.error(f"--gem-depth {args.gem_depth} is too large for model {args.model} "
                      f"({v.layers} blocks): valid 2..{v.layers + 1}")
@@ -212,19 +262,14 @@ def _progress(total: int, args, desc: str):
                 disable=args.quiet or total < _PROGRESS_MIN, leave=False)
 
 
-def _knobs(args) -> dict:
-    kw = dict(gem_depth=args.gem_depth, ss_attn_iter=args.iters, ss_attn_temp=args.temp,
-              template=args.template)
-    if getattr(args, "method", "gem") != "gem":  # the method zoo's keyword, only when chosen
-        kw["method"] = args.method
-    return kw
-
-
-def _header(args, command: str, **extra) -> dict:
+def _header(args, command: str, knobs: dict, **extra) -> dict:
+    """The run's settings in manifest.json (what `--resume` must find unchanged)."""
+    from gem_jax import methods
+    cls = methods.METHODS[getattr(args, "method", "gem")]
+    all_knobs = {k: knobs.get(k, cls.defaults.get(k)) for k in cls.knob_names}
     return dict(command=command, model=str(args.model), method=getattr(args, "method", "gem"),
-                knobs=dict(gem_depth=args.gem_depth, ss_attn_iter=args.iters,
-                           ss_attn_temp=args.temp, template=args.template, size=args.size,
-                           dtype=args.dtype), **extra)
+                knobs=dict(all_knobs, template=args.template, size=args.size, dtype=args.dtype),
+                **extra)
 
 
 def _prompts_or_usage_error(parser, prompts, what):
@@ -235,77 +280,66 @@ def _prompts_or_usage_error(parser, prompts, what):
         parser.error(str(e))
 
 
-def _run_images(args, command: str, header: dict, plan_image, infer, write) -> int:
-    """The shared image loop.
-
-    Before the model is loaded: expand the inputs (files, directories, globs, @lists), plan
-    every output name (`plan_image(plan, path, stem) -> list of output dicts`), apply the OUT
-    rule.  Then, one batch at a time: read (unreadable images are reported and skipped) ->
-    preprocess -> `infer(model, pixels)` -> `write(img, result, outputs, done)` for each image,
-    which calls `done(file)` after each file and returns extra manifest fields for the image.
-    The manifest is written before the first batch and updated as images complete."""
-    from gem_jax.io import ImageReadError, InputError, batched, expand_inputs, read_image
-    from gem_jax.outputs import Manifest, OutputPlan
+def _run_images(args, task) -> int:
+    """Run an image task (gem_jax.batch) on this process's share of the inputs; one process or
+    many (--coordinator/--num-processes/--process-id).  Prints this process's summary (and
+    process 0 the whole run's); the exit code is the run's."""
+    from gem_jax.batch import Options, run_task
+    from gem_jax.distributed import cluster_from_args
     parser = args._parser
+    cluster = cluster_from_args(parser, args)   # before JAX computes anything
     out = check_out(parser, args)
-    try:
-        paths = expand_inputs(args.images, exclude=[out])
-    except InputError as e:
-        parser.error(str(e))
-    plan = OutputPlan()
-    images = []
-    for p in paths:
-        stem = plan.stem(Path(p).stem or Path(p).name, image=p)
-        images.append(dict(image=p, stem=stem, outputs=plan_image(plan, p, stem)))
-    previous = check_out_dir(parser, out, plan.names, args.force)
-    model = load_model(args)
-    check_knobs(parser, model, args)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out, header, images, collisions=plan.collisions,
-                        previous=previous.carried(plan.names, out))
-    manifest.save()
-    failed: list[str] = []
-    written = 0
-    try:
-        with _progress(len(paths), args, command) as bar:
-            for chunk in batched(list(enumerate(paths)), args.batch_size):
-                batch = []
-                for i, p in chunk:
-                    try:
-                        batch.append((i, read_image(p)))
-                    except ImageReadError as e:
-                        print(f"error: {e}", file=sys.stderr)
-                        manifest.image_failed(i, str(e))
-                        failed.append(p)
-                if batch:
-                    pixels = model.preprocess([im for _, im in batch], size=args.size)
-                    results = infer(model, pixels)
-                    del pixels
-                    for (i, img), r in zip(batch, results):
-                        def done(file, i=i):
-                            nonlocal written
-                            manifest.output_done(i, file)
-                            written += 1
-                        info = write(img, r, manifest.images[i]["outputs"], done) or {}
-                        manifest.image_done(i, image_size=list(img.size), **info)
-                    del results, batch
-                manifest.maybe_save()
-                bar.update(len(chunk))
-    except KeyboardInterrupt:
-        manifest.finish("interrupted")
-        raise
-    except BaseException:
-        manifest.finish("failed")
-        raise
-    manifest.finish("incomplete" if failed else "complete")
-    if failed:
-        print(f"error: {len(failed)} of {len(paths)} image(s) failed "
-              f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); wrote {written} "
-              f"file(s) for the others to {out} (see {out / 'manifest.json'})", file=sys.stderr)
-        return 1
+    opts = Options(images=args.images, out=out, size=args.size, batch_size=args.batch_size,
+                   force=args.force, resume=args.resume, workers=args.workers,
+                   writers=args.writers, quiet=args.quiet)
+
+    def fail(msg):
+        raise CLIError(msg)
+
+    code, stats, everyone = run_task(task, opts, cluster, load_model=lambda: load_model(args),
+                                     check_model=lambda m: check_knobs(parser, m, args),
+                                     usage_error=parser.error, fail=fail)
+    who = f"process {cluster.process_id}/{cluster.num_processes}: " if cluster.multi else ""
     if not args.quiet:
-        print(f"wrote {written} file(s) to {out} (manifest.json maps them to images and prompts)")
-    return 0
+        line = _throughput(stats)
+        print(f"{who}{line}")
+        if cluster.multi and cluster.process_id == 0:
+            print(f"all {cluster.num_processes} processes: {_overall(everyone)}")
+    failures = [f for s in everyone for f in s.failures]
+    total = sum(s.images for s in everyone) + stats.skipped
+    if failures:
+        print(f"error: {len(failures)} of {total} image(s) failed "
+              f"({', '.join(failures[:3])}{', ...' if len(failures) > 3 else ''}); "
+              f"{who}wrote {stats.files} file(s) for the others to {out} "
+              f"(see {out / 'manifest.json'})", file=sys.stderr)
+        return code
+    if not args.quiet:
+        print(f"{who}wrote {stats.files} file(s) to {out} (manifest.json maps them to images and "
+              f"prompts)")
+    return code
+
+
+def _throughput(s) -> str:
+    """One process's summary line: images/s, the device's wait for the host, failures."""
+    import math
+    parts = [f"{s.done} image(s) in {s.seconds:.1f} s"]
+    if s.done and s.seconds > 0:
+        parts.append(f"{s.images_per_s:.2f} images/s")
+    share = s.host_wait_share
+    if not math.isnan(share):
+        parts.append(f"host wait {share:.0%} of device time")
+    parts.append(f"{s.failed} failed")
+    if s.skipped:
+        parts.append(f"{s.skipped} already complete (--resume)")
+    return "; ".join(parts)
+
+
+def _overall(everyone) -> str:
+    done = sum(s.done for s in everyone)
+    failed = sum(s.failed for s in everyone)
+    wall = max((s.seconds for s in everyone), default=0.0)
+    rate = f"; {done / wall:.2f} images/s overall" if wall > 0 and done else ""
+    return f"{done} image(s) done, {failed} failed{rate}"
 
 
 def _min_max(maps):
@@ -341,16 +375,20 @@ examples:
 
 
 def cmd_heatmap(args) -> int:
-    import numpy as np
     from gem_jax import viz
+    from gem_jax.batch import Task
+    from gem_jax.distributed import heatmap_step
     from gem_jax.io import save_image, save_npy
     parser = args._parser
     prompts = _prompts_or_usage_error(parser, args.prompt, "prompts")
+    knobs = method_knobs(parser, args)
     slugs = _slugs(prompts)
     out = Path(args.out)
     png, npy = args.format in ("png", "both"), args.format in ("npy", "both")
+    replace = args.force or args.resume  # the OUT rule has checked that these files are ours
 
-    def plan_image(plan, path, stem):
+    def plan_image(plan, rec, stem):
+        path = rec.key
         outs = []
         if png:
             outs.append(dict(file=plan.claim(f"{stem}_grid.png", image=path, kind="grid"),
@@ -362,28 +400,29 @@ def cmd_heatmap(args) -> int:
                              kind="raw"))
         return outs
 
-    def infer(model, pixels):
-        return np.asarray(model.heatmaps(pixels, prompts, normalize=False, **_knobs(args)),
-                          np.float32)
+    def build_step(model, dp):
+        return heatmap_step(model, dp, prompts, method=args.method, knobs=knobs,
+                            template=args.template, normalize=False)
 
-    def write(img, raw, outs, done) -> dict:
+    def write(img, image_size, raw, outs, done) -> dict:
         maps = _min_max(raw)
         per_prompt = iter(maps)  # overlays are planned in -p order
         for o in outs:
             if o["kind"] == "overlay":
                 save_image(viz.overlay(img, next(per_prompt), args.alpha, args.cmap),
-                           out / o["file"], force=args.force)
+                           out / o["file"], force=replace)
             elif o["kind"] == "grid":
                 save_image(viz.grid(img, maps, titles=prompts, alpha=args.alpha, cmap=args.cmap),
-                           out / o["file"], force=args.force)
+                           out / o["file"], force=replace)
             else:
-                save_npy(raw, out / o["file"], force=args.force)
+                save_npy(raw, out / o["file"], force=replace)
             done(o["file"])
         return dict(map_shape=list(raw.shape))
 
-    return _run_images(args, "heatmap", _header(args, "heatmap", prompts=prompts,
-                                                output_format=args.format),
-                       plan_image, infer, write)
+    header = _header(args, "heatmap", knobs, prompts=prompts, output_format=args.format,
+                     render=dict(alpha=args.alpha, cmap=args.cmap))
+    return _run_images(args, Task("heatmap", header, plan_image, build_step, write,
+                                  keep_image=png))
 
 
 # ----------------------------------------------------------------------------- segment
@@ -410,46 +449,52 @@ def cmd_segment(args) -> int:
     import numpy as np
     from PIL import Image
     from gem_jax import viz
+    from gem_jax.batch import Task
+    from gem_jax.distributed import heatmap_step
     from gem_jax.io import save_image, save_npy
     parser = args._parser
     classes = _prompts_or_usage_error(parser, args.cls, "classes")
+    knobs = method_knobs(parser, args)
     out = Path(args.out)
     bg = args.background_threshold is not None
     png, npy = args.format in ("png", "both"), args.format in ("npy", "both")
+    replace = args.force or args.resume  # the OUT rule has checked that these files are ours
 
-    def plan_image(plan, path, stem):
+    def plan_image(plan, rec, stem):
         kinds = ([("seg.png", "segmentation"), ("seg_overlay.png", "overlay")] if png else []) + \
             ([("seg.npy", "ids")] if npy else [])
-        return [dict(file=plan.claim(f"{stem}_{suffix}", image=path, kind=kind), kind=kind)
+        return [dict(file=plan.claim(f"{stem}_{suffix}", image=rec.key, kind=kind), kind=kind)
                 for suffix, kind in kinds]
 
-    def infer(model, pixels):
-        return np.asarray(model.segment(pixels, classes, background_threshold=args.background_threshold,
-                                        **_knobs(args)))
+    def build_step(model, dp):
+        return heatmap_step(model, dp, classes, method=args.method, knobs=knobs,
+                            template=args.template, segment=True,
+                            background_threshold=args.background_threshold)
 
-    def write(img, a, outs, done) -> dict:
+    def write(img, image_size, a, outs, done) -> dict:
         shape = list(a.shape)
-        a = np.asarray(Image.fromarray(a.astype(np.int32)).resize(img.size, Image.NEAREST), np.int32)
+        a = np.asarray(Image.fromarray(a.astype(np.int32)).resize(tuple(image_size), Image.NEAREST),
+                       np.int32)
         for o in outs:
             if o["kind"] == "segmentation":
                 save_image(viz.colorize_segmentation(a, len(classes),
                                                      background=(0, 0, 0) if bg else None),
-                           out / o["file"], force=args.force)
+                           out / o["file"], force=replace)
             elif o["kind"] == "overlay":
                 save_image(viz.segmentation_overlay(img, a, classes, alpha=args.alpha,
                                                     background="background" if bg else None),
-                           out / o["file"], force=args.force)
+                           out / o["file"], force=replace)
             else:
-                save_npy(a, out / o["file"], force=args.force)
+                save_npy(a, out / o["file"], force=replace)
             done(o["file"])
         return dict(map_shape=shape)
 
     ids = (["background"] if bg else []) + list(classes)
-    return _run_images(args, "segment",
-                       _header(args, "segment", classes=list(classes), ids=ids,
-                               background_threshold=args.background_threshold,
-                               output_format=args.format),
-                       plan_image, infer, write)
+    header = _header(args, "segment", knobs, classes=list(classes), ids=ids,
+                     background_threshold=args.background_threshold, output_format=args.format,
+                     render=dict(alpha=args.alpha))
+    return _run_images(args, Task("segment", header, plan_image, build_step, write,
+                                  keep_image=png))
 
 
 # ----------------------------------------------------------------------------- models
@@ -563,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_gem_args(p)
     add_output_args(p, npy_help="one S_raw.npy per image, the raw cosine maps [P, H, W]")
+    add_distributed_args(p)
     p.set_defaults(func=cmd_heatmap, _parser=p)
 
     p = sub.add_parser("segment", help="open-vocabulary segmentation into class-id PNGs",
@@ -580,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_gem_args(p)
     add_output_args(p, npy_help="one S_seg.npy per image, the class ids [H, W]")
+    add_distributed_args(p)
     p.set_defaults(func=cmd_segment, _parser=p)
 
     from gem_jax.convert.__main__ import build_parser as convert_parser

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,8 +26,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "read_image", "atomic_write", "save_image", "save_npy", "batched",
-           "InputError", "IMAGE_EXTENSIONS", "expand_inputs"]
+__all__ = ["ImageReadError", "read_image", "decode_image", "atomic_write", "save_image", "save_npy", "batched",
+           "InputError", "IMAGE_EXTENSIONS", "expand_inputs", "expand_braces"]
 
 T = TypeVar("T")
 
@@ -37,16 +38,29 @@ class ImageReadError(ValueError):
 
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file → PIL RGB image (decoded, EXIF orientation applied)."""
-    from .preprocess import to_rgb
     p = Path(path)
     if not p.exists():
         raise ImageReadError(f"{p}: no such file")
     if p.is_dir():
         raise ImageReadError(f"{p}: is a directory, not an image file")
+    return _decode(p, str(p))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Encoded image bytes (a file's contents, a tar member) → PIL RGB image, with exactly
+    `read_image`'s rules and messages; `name` is how the messages call the image."""
+    import io as _io
+    if not data:
+        raise ImageReadError(f"{name}: not an image file (it is empty)")
+    return _decode(_io.BytesIO(data), name)
+
+
+def _decode(src, name: str) -> Image.Image:
+    from .preprocess import to_rgb
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
+            with Image.open(src) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
                 img.load()
@@ -54,16 +68,16 @@ def read_image(path: str | os.PathLike) -> Image.Image:
                 if rgb is img:
                     rgb = img.copy()
     except UnidentifiedImageError:
-        raise ImageReadError(f"{p}: not an image file (or a format Pillow cannot read)") from None
+        raise ImageReadError(f"{name}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageReadError(f"{p}: image too large ({e})") from None
+        raise ImageReadError(f"{name}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as e:
         msg = str(e) or type(e).__name__
         if "truncated" in msg or isinstance(e, (SyntaxError, EOFError)):
             msg = f"cannot decode it (truncated or corrupt file?): {msg}"
-        raise ImageReadError(f"{p}: {msg}") from None
+        raise ImageReadError(f"{name}: {msg}") from None
     if rgb.width == 0 or rgb.height == 0:
-        raise ImageReadError(f"{p}: image has zero size ({rgb.width}x{rgb.height})")
+        raise ImageReadError(f"{name}: image has zero size ({rgb.width}x{rgb.height})")
     return rgb
 
 
@@ -144,7 +158,36 @@ def _walk(root: str, exclude: set[str]) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, root).split(os.sep))
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(arg: str) -> list[str]:
+    """WebDataset-style shard ranges, as a shell's brace expansion: `shards-{000..012}.tar` (a
+    number range; zero padding kept from the first bound) and `{train,val}` (alternatives).
+    Strings without braces come back unchanged."""
+    m = _BRACE.search(arg)
+    if m is None:
+        return [arg]
+    body = m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        parts = [f"{k:0{width}d}" for k in range(lo, hi + step, step)]
+    elif "," in body:
+        parts = body.split(",")
+    else:
+        return [arg]  # a literal brace: leave it to the file system and glob
+    head, tail = arg[:m.start()], arg[m.end():]
+    return [x for part in parts for x in expand_braces(head + part + tail)]
+
+
 def _expand_one(arg: str, exclude: set[str], where: str = "") -> list[str]:
+    if not os.path.exists(arg) and _BRACE.search(arg):
+        names = expand_braces(arg)
+        if names != [arg]:
+            return [p for n in names for p in _expand_one(n, exclude, where)]
     if os.path.isdir(arg):
         found = _walk(arg, exclude)
         if not found:
@@ -168,6 +211,8 @@ def expand_inputs(args: Iterable[str], *, exclude: Iterable[str | os.PathLike] =
     * a directory: its image files (IMAGE_EXTENSIONS), recursively, sorted, hidden ones skipped;
     * a glob pattern (`'photos/*.jpg'`, `'**/*.png'`, quoted so the shell leaves it): its
       matches, sorted;
+    * `name-{000..099}.tar`, `{a,b}.png`: brace ranges and alternatives (WebDataset's shard
+      notation), each name then taken as above;
     * `@list.txt`: one file, directory or pattern per line (blank lines and `#` comments
       skipped), relative to the current directory as if typed on the command line.
 

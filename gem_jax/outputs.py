@@ -16,15 +16,22 @@ replaced.  A file at OUT, or a directory with files gem-jax did not write, is re
 
 The manifest records, per image, its output files and whether each is complete; it is written
 atomically (temp file + rename) when the run starts, as images complete (after every image for
-runs up to 200 images, then every N/200 images), and when the run ends or is interrupted.  A later
-`--resume` can trust `complete: true` entries and redo the rest; several processes can each keep
-their own manifest (`name=`).
+runs up to 200 images, then every N/200 images), and when the run ends or is interrupted.
+
+Exactly-once, resumable runs (one process or many, gem_jax.batch): each process appends one
+line per finished image to its journal `manifest.part-IIIII-of-NNNNN.jsonl` (flushed per image,
+so a crash loses at most the images in flight); when the run ends, process 0 merges the
+journals into manifest.json and removes them.  `resume_state(out, header, images)` reads
+manifest.json and any journals left by a crashed run and says which planned images are complete
+(recorded done, same output names, files present): `--resume` skips those and redoes the rest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -33,7 +40,8 @@ from typing import Iterable, Sequence
 
 __all__ = ["MANIFEST", "OutIsAFileError", "OutputConflictError", "file_key", "OutputPlan",
            "Previous", "check_out_dir", "Manifest", "read_manifest", "manifest_files",
-           "check_checkpoint_dir", "install_dir"]
+           "check_checkpoint_dir", "install_dir", "Journal", "journal_name", "is_journal",
+           "read_journals", "remove_journals", "resume_state", "VOLATILE_HEADER"]
 
 MANIFEST = "manifest.json"
 FORMAT = "gem_jax.manifest"
@@ -170,7 +178,8 @@ def check_out_dir(out: str | os.PathLike, planned: Iterable[str], *, force: bool
     known = {manifest} | {e["file"] for e in known_entries}
     known_keys = {file_key(k) for k in known}
     foreign = [e for e in entries if (out / e).is_dir()
-               or (file_key(e) not in known_keys and not _is_our_temp(e, known))]
+               or (file_key(e) not in known_keys and not _is_our_temp(e, known)
+                   and not (m is not None and is_journal(e)))]
     if foreign:
         what = ("holds files gem-jax did not write" if m is not None else
                 f"is not empty and holds no gem-jax {manifest}")
@@ -207,7 +216,7 @@ class Manifest:
             im.setdefault("status", "pending")
             im.setdefault("error", None)
             for o in im["outputs"]:
-                o.setdefault("complete", False)
+                o.setdefault("complete", im["status"] == "done")
         reserved = {"format", "version", "gem_jax_version", "status", "started", "updated",
                     "counts", "collisions", "previous", "images"}
         if reserved & set(header):
@@ -230,8 +239,30 @@ class Manifest:
     def image_done(self, i: int, **info) -> None:
         self.images[i].update(info, status="done", error=None)
 
-    def image_failed(self, i: int, error: str) -> None:
-        self.images[i].update(status="failed", error=error)
+    def image_failed(self, i: int, error: str, **info) -> None:
+        self.images[i].update(info, status="failed", error=error)
+
+    def merge(self, entries: Iterable[dict]) -> int:
+        """Fold journal entries (`Journal.record`'s dicts, in order) into the images they name;
+        returns how many images changed."""
+        where = {im["image"]: i for i, im in enumerate(self.images)}
+        changed = 0
+        for e in entries:
+            i = where.get(e.get("image"))
+            if i is None:
+                continue
+            info = {k: v for k, v in e.items() if k not in ("image", "status", "error", "outputs", "t")}
+            if e.get("status") == "done":
+                for f in e.get("outputs", []):
+                    if f in self._index[i]:
+                        self._index[i][f]["complete"] = True
+                self.image_done(i, **info)
+            elif e.get("status") == "failed" and self.images[i]["status"] != "done":
+                self.image_failed(i, e.get("error") or "failed", **info)
+            else:
+                continue
+            changed += 1
+        return changed
 
     def counts(self) -> dict:
         st = [im["status"] for im in self.images]
@@ -256,6 +287,149 @@ class Manifest:
     def finish(self, status: str) -> None:
         self.data["status"] = status
         self.save()
+
+
+# ----------------------------------------------------------------------------- journals, resume
+JOURNAL_FORMAT = "gem_jax.journal"
+_JOURNAL = re.compile(r"^manifest\.part-(\d{5})-of-(\d{5})\.jsonl$")
+# Header keys that may differ between a run and its --resume (how it runs, not what it computes).
+VOLATILE_HEADER = frozenset({"processes", "run", "batch_size", "workers"})
+
+
+def journal_name(process: int, processes: int) -> str:
+    return f"manifest.part-{process:05d}-of-{processes:05d}.jsonl"
+
+
+def is_journal(name: str) -> bool:
+    return _JOURNAL.match(name) is not None
+
+
+class Journal:
+    """One process's append-only record of finished images: a header line, then one JSON line
+    per image (done or failed), each flushed as it is written (and fsynced at most every
+    `sync_every` seconds), so a crash of the process loses at most the images in flight.
+    Thread-safe (outputs are written by a pool of threads)."""
+
+    def __init__(self, out: str | os.PathLike, process: int, processes: int, run: str,
+                 sync_every: float = 2.0):
+        self.path = Path(out) / journal_name(process, processes)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+        self._sync_every, self._synced = sync_every, time.monotonic()
+        self._write({"format": JOURNAL_FORMAT, "run": run, "process": process,
+                     "processes": processes, "started": _now()})
+
+    def _write(self, obj: dict) -> None:
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+            if time.monotonic() - self._synced >= self._sync_every:
+                os.fsync(self._f.fileno())
+                self._synced = time.monotonic()
+
+    def record(self, image: str, status: str, outputs: Sequence[str] = (), error: str | None = None,
+               **info) -> None:
+        self._write({"image": image, "status": status, "error": error, "outputs": list(outputs),
+                     "finished": _now(), "t": round(time.time(), 6), **info})
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+
+
+def read_journals(out: str | os.PathLike) -> list[dict]:
+    """The image entries of every journal in OUT, file by file, in the order written.  A line
+    cut short by a crash (the last one) is ignored."""
+    out = Path(out)
+    entries = []
+    try:
+        names = sorted(n for n in os.listdir(out) if is_journal(n))
+    except OSError:
+        return []
+    for n in names:
+        try:
+            lines = (out / n).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(e, dict) and isinstance(e.get("image"), str) and "status" in e:
+                entries.append(e)
+    return sorted(entries, key=lambda e: e.get("t", 0.0) if isinstance(e.get("t"), (int, float))
+                  else 0.0)  # stable: the order written, across processes and runs
+
+
+def remove_journals(out: str | os.PathLike) -> None:
+    """Remove the journals (gem-jax's own files) once manifest.json holds what they said."""
+    out = Path(out)
+    for n in os.listdir(out):
+        if is_journal(n):
+            try:
+                os.unlink(out / n)
+            except FileNotFoundError:
+                pass
+
+
+def _settings_diff(old: dict, header: dict) -> list[str]:
+    diffs = []
+    for k in sorted(set(header) | {k for k in old if k not in _RESERVED}):
+        if k in VOLATILE_HEADER:
+            continue
+        if json.dumps(old.get(k), sort_keys=True) != json.dumps(header.get(k), sort_keys=True):
+            diffs.append(f"{k}: {old.get(k)!r} then, {header.get(k)!r} now")
+    return diffs
+
+
+def resume_state(out: str | os.PathLike, header: dict, images: Sequence[dict], *,
+                 flag: str = "--out") -> tuple[Previous, dict[int, dict]]:
+    """What `--resume` may skip: (previous output, {index in `images`: its recorded entry}).
+
+    OUT absent or empty: nothing (a fresh run).  Otherwise OUT must hold a previous gem-jax
+    output (the OUT rule's foreign-file check applies) of the same settings (`header`, except
+    VOLATILE_HEADER keys), else OutputConflictError.  An image is complete when manifest.json
+    or a journal records it done with exactly the output names planned now, and every one of
+    those files exists; the others (pending, failed, partly written) are redone."""
+    out = Path(out)
+    prev = check_out_dir(out, [], force=True, flag=flag)
+    m = read_manifest(out / MANIFEST)
+    if m is None:
+        return prev, {}
+    diffs = _settings_diff(m, header)
+    if diffs:
+        raise OutputConflictError(
+            f"{flag} {out} holds a gem-jax run with other settings ({'; '.join(diffs[:3])}); "
+            f"--resume continues only the same run: repeat its options, or redo it with --force "
+            f"(without --resume), or choose another {flag}")
+    state: dict[str, dict] = {}
+    for im in m.get("images", []) or []:
+        outs = im.get("outputs", []) or []
+        if im.get("status") == "done" and all(o.get("complete") for o in outs):
+            entry = {k: v for k, v in im.items() if k not in ("outputs", "stem")}
+            state[im.get("image")] = dict(entry, outputs=[o.get("file") for o in outs])
+    for e in read_journals(out):
+        if e.get("status") == "done":
+            state[e["image"]] = e
+        else:
+            state.pop(e["image"], None)
+    done = {}
+    for i, im in enumerate(images):
+        e = state.get(im["image"])
+        files = [o["file"] for o in im["outputs"]]
+        if e is not None and sorted(e.get("outputs", [])) == sorted(files) \
+                and all((out / f).is_file() for f in files):
+            done[i] = e
+    return prev, done
+
+
+_RESERVED = frozenset({"format", "version", "gem_jax_version", "status", "started", "updated",
+                       "counts", "collisions", "previous", "images"})
 
 
 # ----------------------------------------------------------------------------- checkpoint dirs

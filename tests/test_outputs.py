@@ -224,8 +224,10 @@ def test_manifest_updated_as_images_complete(capsys, ckpt, tmp_path, monkeypatch
         return real(*a, **k)
 
     monkeypatch.setattr(viz, "grid", grid)
+    # One writer thread: images are then written in order (with several, image 2's files may be
+    # written while image 1's are, and each image is recorded when its own files are done).
     rc, so, err = run(capsys, "heatmap", *imgs, "-p", "x", "--model", ckpt, *KNOBS, "--out", out,
-                      "-b", "1")
+                      "-b", "1", "--writers", "1")
     assert rc == 130
     first, second = seen
     assert [im["status"] for im in first["images"]] == ["pending", "pending"]  # planned up front
