@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Task", "Options", "Stats", "run_task", "default_workers"]
+__all__ = ["Task", "Options", "Stats", "run_task", "run", "default_workers"]
 
 
 @dataclasses.dataclass
@@ -80,6 +80,8 @@ class Stats:
     steps: int = 0
     seconds: float = 0.0     # first step dispatched -> last output written
     first_step: float = 0.0  # dispatch -> ready of step 0 (includes compilation)
+    steady_images: int = 0   # images after step 0 ...
+    steady_seconds: float = 0.0  # ... and the time from step 0 ready to the last output written
     device_busy: float = 0.0
     host_wait: float = 0.0   # device idle between steps: waiting for the host
     failures: list = dataclasses.field(default_factory=list)
@@ -87,6 +89,13 @@ class Stats:
     @property
     def images_per_s(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Images/s once compiled: after the first step."""
+        if self.steady_seconds <= 0 or self.steady_images <= 0:
+            return float("nan")
+        return self.steady_images / self.steady_seconds
 
     @property
     def host_wait_share(self) -> float:
@@ -137,7 +146,8 @@ class _ReadyWatch:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._t.join()
+        if self._t.is_alive():
+            self._t.join()
 
 
 def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
@@ -249,7 +259,7 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
                 manifest.maybe_save()
 
     def record_failed(i, error):
-        print(f"error: {error}", file=sys.stderr)
+        bar.write(f"error: {error}", file=sys.stderr)  # on its own line, above the bar
         stats.failed += 1
         stats.failures.append(images[i]["image"])
         journal.record(images[i]["image"], "failed", error=error, process=pid, run=run_id)
@@ -319,8 +329,11 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
 
         pending = collections.deque()
         t_start = None
+        first_rows = 0
         for k in range(steps):
             rows, px = take_batch()
+            if k == 0:
+                first_rows = len(rows)
             submitted[k] = time.perf_counter()
             if t_start is None:
                 t_start = submitted[k]
@@ -341,6 +354,10 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
         harvest(True)
         t_end = time.perf_counter()
         stats.seconds = t_end - t_start if t_start is not None else 0.0
+        watch.close()
+        if 0 in watch.ready and steps > 1:
+            stats.steady_seconds = t_end - watch.ready[0]
+            stats.steady_images = stats.done - first_rows
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -394,3 +411,32 @@ def _progress(total: int, opts: Options, command: str, cluster):
     desc = command if not cluster.multi else f"{command} [{cluster}]"
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
                 disable=opts.quiet or total < 4, leave=False, smoothing=0.1)
+
+
+def run(command: str, inputs: Sequence[str], *, prompts: Sequence[str] = (),
+        classes: Sequence[str] = (), **options) -> int:
+    """Python entry point: the same as the command line `gem-jax COMMAND INPUTS ...` (heatmap,
+    segment or eval), options by their long names with `_` for `-` (True: a flag; a list:
+    the option repeated; None: left out).  Returns the exit code.  For example, on each of two
+    hosts (process_id 0 and 1):
+
+        gem_jax.batch.run("heatmap", ["shards-{000..099}.tar"], prompts=["cat", "dog"],
+                          out="/shared/maps", model="openai/clip-vit-base-patch16",
+                          coordinator="10.0.0.1:1234", num_processes=2, process_id=0,
+                          resume=True)
+    """
+    from .cli import main
+    argv = [command, *map(str, inputs)]
+    argv += [a for p in prompts for a in ("-p", str(p))]
+    argv += [a for c in classes for a in ("-c", str(c))]
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if v is None or v is False:
+            continue
+        if v is True:
+            argv.append(flag)
+        elif isinstance(v, (list, tuple)):
+            argv += [a for x in v for a in (flag, str(x))]
+        else:
+            argv += [flag, str(v)]
+    return main(argv)

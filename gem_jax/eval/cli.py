@@ -137,6 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
                    help="images (gem) or windows (sliding) per forward pass (default 1 on CPU, "
                         "8 on accelerators)")
+    from ..distributed import add_distributed_args
+    add_distributed_args(p)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -214,6 +216,14 @@ def run(args) -> int:
         return _err(f"--out {out} is a directory; eval writes one JSON file (e.g. --out "
                     f"{out / f'eval-{spec.name}-{args.protocol}.json'})", 2)
 
+    from ..distributed import initialize
+    try:  # before JAX computes anything
+        cluster = initialize(getattr(args, "coordinator", None),
+                             getattr(args, "num_processes", None),
+                             getattr(args, "process_id", None),
+                             auto=bool(getattr(args, "distributed", False)))
+    except ValueError as e:
+        return _err(str(e), 2)
     from .datasets import DatasetError
     from .protocols import PROTOCOLS
     from .runner import EvalError, checkpoint_path, evaluate
@@ -233,6 +243,8 @@ def run(args) -> int:
         protocol = PROTOCOLS[args.protocol](model, class_prompts, **opts)
     except ValueError as e:  # knobs / sizes that need the model to check (e.g. --gem-depth)
         return _err(str(e), 2)
+    if cluster.multi:
+        return _run_multi(args, cluster, model, spec, protocol, out)
     try:
         res = evaluate(model, spec, args.root, protocol, out=out, limit=args.limit,
                        resume=args.resume, force=args.force,
@@ -258,6 +270,89 @@ def run(args) -> int:
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.2f}"
+
+
+def part_path(out: Path, process: int, processes: int) -> Path:
+    """One process's share of a multi-process eval: its own results JSON (and checkpoint)."""
+    return out.with_name(f"{out.stem}.part-{process:05d}-of-{processes:05d}{out.suffix or '.json'}")
+
+
+def _run_multi(args, cluster, model, spec, protocol, out: Path) -> int:
+    """Several processes: process p evaluates every N-th image from p (sorted ids, after
+    --limit) into its own part (resumable as usual); the confusion matrices are then summed
+    across processes, exactly (int64), and process 0 writes the global results to --out."""
+    import dataclasses
+    import numpy as np
+    from ..distributed import agree, allgather_bytes, allgather_json, barrier
+    from .datasets import DatasetError
+    from .runner import EvalError, atomic_write_json, checkpoint_path, evaluate, results_dict
+    pid, n = cluster.process_id, cluster.num_processes
+    limit = args.limit
+    find = spec._find
+
+    def shard(root, resolve_only=False):
+        if resolve_only:
+            return find(root, resolve_only=True)
+        return find(root)[:limit][pid::n]
+    part = part_path(out, pid, n)
+    err = None
+    finished = False
+    if args.resume and not args.force and out.is_file() and not part.exists() \
+            and not checkpoint_path(part).exists():
+        try:
+            import json
+            finished = json.loads(out.read_text()).get("status") == "complete"
+        except ValueError:
+            pass
+    if all(allgather_json(finished)):  # every process must take the same way
+        if pid == 0 and not args.quiet:
+            print(f"{out} is already complete; nothing to resume", file=sys.stderr)
+        return 0
+    if out.exists() and not (args.force or args.resume):
+        err = f"{out} exists: pass --force to overwrite (or --resume to finish an unfinished run)"
+    if not any(agree(err)):
+        try:
+            total = len(spec.samples(args.root))
+            res = evaluate(model, dataclasses.replace(spec, _find=shard), args.root, protocol,
+                           out=part, resume=args.resume, force=args.force,
+                           checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+                           model_source=str(args.model))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; progress saved: rerun with --resume --out {out}", file=sys.stderr)
+            return 130
+        except (DatasetError, EvalError) as e:
+            err = str(e)
+        except Exception as e:
+            hint = " (progress saved: rerun with --resume)" if checkpoint_path(part).exists() else ""
+            err = f"{type(e).__name__}: {e}{hint}"
+    errors = agree(err)
+    if any(errors):
+        p, e = next((p, e) for p, e in enumerate(errors) if e)
+        return _err(e if p == pid else f"process {p} failed: {e}", 1)
+    # The global confusion matrix: every process's int64 matrix, summed (exact).
+    mats = [np.frombuffer(b, np.int64).reshape(spec.num_classes, spec.num_classes)
+            for b in allgather_bytes(np.asarray(res["confusion_matrix"], np.int64).tobytes())]
+    counts = [int(c) for c in np.frombuffer(b"".join(allgather_bytes(
+        np.asarray([res["counts"]["images"]], np.int64).tobytes())), np.int64)]
+    seconds = max(float(np.frombuffer(b, np.float64)[0]) for b in
+                  allgather_bytes(np.asarray([res.get("seconds") or 0.0], np.float64).tobytes()))
+    done = sum(counts)
+    if pid == 0:
+        glob = results_dict(sum(mats), spec, root=args.root, protocol_knobs=res["protocol"],
+                            model_info=res["model"], images_done=done, images_total=total,
+                            status="complete" if done == total else "partial", seconds=seconds)
+        glob["processes"] = {"count": n, "images": counts,
+                             "parts": [part_path(out, p, n).name for p in range(n)]}
+        atomic_write_json(out, glob)
+    barrier("gem_jax.eval.written")
+    if done == total:  # the parts are folded into --out; unfinished parts stay for --resume
+        part.unlink(missing_ok=True)
+    if not args.quiet and pid == 0:
+        m = glob["metrics"]
+        print(f"{spec.name} [{args.protocol}] {done}/{total} images on {n} processes: "
+              f"mIoU {_fmt(m['mIoU'])}  mAcc {_fmt(m['mAcc'])}  aAcc {_fmt(m['aAcc'])}  "
+              f"({glob['status']}) -> {out}")
+    return 0
 
 
 def main(argv=None) -> int:
