@@ -415,3 +415,19 @@ def test_feature_surgery_ignores_padded_prompts_and_is_per_image(toy):
     w = w / w.mean(-1, keepdims=True)
     want = (w * cos - (w * cos).mean(-1, keepdims=True))[:, 1:].transpose(0, 2, 1).reshape(2, 3, 3, 4)
     assert np.abs(np.asarray(a) - want).max() < 1e-6  # observed ~1e-7
+
+
+def test_parse_knob_for_the_command_line():
+    from gem_jax.methods import build, parse_knob
+    assert parse_knob("gaussian_std=3") == ("gaussian_std", 3)
+    assert parse_knob("gaussian-std=2.5") == ("gaussian_std", 2.5)
+    assert parse_knob("residual=true") == ("residual", True)
+    assert parse_knob("feature_surgery=off") == ("feature_surgery", False)
+    assert parse_knob("ss_attn_temp=adaptive") == ("ss_attn_temp", None)
+    assert parse_knob("branches=q,k") == ("branches", ("q", "k"))
+    assert parse_knob("attn_strategy=kk") == ("attn_strategy", "kk")
+    for bad in ("gaussian_std", "=3", "x="):
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            parse_knob(bad)
+    m, kn = build("maskclip", **dict([parse_knob("residual=true")]))
+    assert m.residual is True and kn == {}

@@ -68,3 +68,33 @@ def build(name: str, **kwargs):
                          f"{', '.join(sorted(options)) or 'none'})")
     knobs = {k: kwargs.get(k, cls.defaults[k]) for k in cls.knob_names}
     return cls(**{k: v for k, v in kwargs.items() if k in options}), knobs
+
+
+def _scalar(text: str):
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "adaptive"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_knob(text: str) -> tuple[str, object]:
+    """A command-line ``KEY=VALUE`` (e.g. ``gaussian_std=3``, ``residual=true``,
+    ``branches=q,k``) → (key, value): true/false → bool, none/adaptive → None, integers → int,
+    other numbers → float, a comma-separated list → a tuple of those, anything else the string.
+    Whether the key applies to the chosen method is `build`'s to say."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key or not value.strip():
+        raise ValueError(f"expected KEY=VALUE (e.g. gaussian_std=3), got {text!r}")
+    if "," in value:
+        return key, tuple(_scalar(v) for v in value.split(",") if v.strip())
+    return key, _scalar(value)
