@@ -206,3 +206,18 @@ def test_naclip_protocol_end_to_end(model, tmp_path):
     assert k["logit_scale"] == 40.0 and k["background_threshold"] == 0.1
     assert "NACLIP" in k["defaults_from"]
     assert res["metrics"]["mIoU"] is not None
+
+
+def test_point_protocol_takes_a_method(model):
+    """OIv7 points (`PointProtocol`) with another method: its maps are the method's heatmaps and
+    the results record the method."""
+    img = image(40, 40, 5)
+    p = P.PointProtocol(model, size=32, method="sclip")
+    (m,) = p.maps_batch([img], [["Cat", "Dog"]])
+    ref = model.heatmaps(model.preprocess(img, size=32), ["Cat", "Dog"], method="sclip")[0]
+    assert np.abs(m - np.asarray(ref)).max() < 1e-6
+    assert p.knobs()["method"] == {"method": "sclip"} and p.knobs()["tokens"] == "sclip"
+    g = P.PointProtocol(model, size=32, gem_depth=3).knobs()
+    assert g["gem_depth"] == 3 and "method" not in g  # GEM's result keys unchanged
+    with pytest.raises(ValueError, match="gem_depth does not apply to method 'sclip'"):
+        P.PointProtocol(model, size=32, method="sclip", gem_depth=3)
