@@ -7,7 +7,8 @@ on a shared machine hits both alike; medians after warm-up, compile time apart.
     python benchmarks/ab.py --tree base=/tmp/base --tree new=. --cases b16-448-b1,b16-448-b8 \
         --rounds 3 --repeats 3 --out benchmarks/ab.json
 
-Random ViT-B/16 weights (`gem_jax.params.init`), GEM defaults (depth 7, 1 iteration, adaptive τ),
+Process CPU time is reported beside wall time: on a shared machine it is the steadier measure
+of the work done.  Random ViT-B/16 weights (`gem_jax.params.init`), GEM defaults (depth 7, 1 iteration, adaptive τ),
 2 prompts, fp32 (or --dtype bfloat16), `Execution.auto`.
 """
 
@@ -39,12 +40,13 @@ t = time.perf_counter()
 compiled = gem_jax.heatmaps_fn.lower(*args, cfg=cfg, ex=ex).compile()
 compile_s = time.perf_counter() - t
 compiled(*args).block_until_ready()
-times = []
+times, cpu = [], []
 for _ in range(repeats):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = compiled(*args).block_until_ready()
     times.append(time.perf_counter() - t)
-print(json.dumps(dict(times=times, compile_s=compile_s, checksum=float(jnp.abs(out).sum()))))
+    cpu.append(time.process_time() - c)
+print(json.dumps(dict(times=times, cpu=cpu, compile_s=compile_s, checksum=float(jnp.abs(out).sum()))))
 """
 
 CASES = {
@@ -82,17 +84,22 @@ def main(argv=None) -> int:
                     print(p.stderr[-3000:], file=sys.stderr)
                     return 1
                 m = json.loads(p.stdout.strip().splitlines()[-1])
-                e = res.setdefault(case, {}).setdefault(name, dict(times=[], compile_s=[], checksum=[]))
+                e = res.setdefault(case, {}).setdefault(name, dict(times=[], cpu=[], compile_s=[],
+                                                                  checksum=[]))
                 e["times"] += m["times"]
+                e["cpu"] += m["cpu"]
                 e["compile_s"].append(m["compile_s"])
                 e["checksum"].append(m["checksum"])
                 print(f"round {r} {case} {name}: median {statistics.median(m['times']):.3f} s "
-                      f"compile {m['compile_s']:.2f} s", flush=True)
+                      f"(cpu {statistics.median(m['cpu']):.3f} s) compile {m['compile_s']:.2f} s",
+                      flush=True)
     print()
     for case, per in res.items():
         meds = {n: statistics.median(v["times"]) for n, v in per.items()}
-        base = meds[trees[0][0]]
-        line = ", ".join(f"{n} {m:.3f} s ({m / base - 1:+.1%})" for n, m in meds.items())
+        cpus = {n: statistics.median(v["cpu"]) for n, v in per.items()}
+        base, cbase = meds[trees[0][0]], cpus[trees[0][0]]
+        line = ", ".join(f"{n} {m:.3f} s ({m / base - 1:+.1%}; process CPU {cpus[n]:.3f} s, "
+                         f"{cpus[n] / cbase - 1:+.1%})" for n, m in meds.items())
         print(f"{case}: {line}; compile " +
               ", ".join(f"{n} {statistics.median(v['compile_s']):.2f} s" for n, v in per.items()))
     if a.out:

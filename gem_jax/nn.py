@@ -84,7 +84,7 @@ class CLIP(nn.Module):
     `__call__(pixels, ids)` gives CLIP's logits_per_image [B, T] (for training);
     `encode_image`, `encode_text`, `image_tokens` and `heatmaps` are the inference entry points,
     called with `apply(variables, ..., method="heatmaps")`.  Knobs are traced values, as in
-    `gem_jax.heatmaps_fn`; `method` names a dense method ("gem", ...)."""
+    `gem_jax.heatmaps_fn`; `dense_method` names a dense method ("gem", "naclip", ...)."""
     config: CLIPConfig
     execution: Execution = Execution()
     param_dtype: Any = jnp.float32
@@ -116,19 +116,21 @@ class CLIP(nn.Module):
         """Projected text embeddings [T, E] from token ids [T, C]."""
         return self.text(ids)
 
-    def image_tokens(self, pixels, *, method: str = "gem", with_ori: bool = True, **knobs):
-        """(method tokens, original tokens), each [B, 1+N, E].  `knobs`: the method's knobs
-        (GEM: gem_depth, ss_attn_iter, ss_attn_temp; traced) and static options (branches)."""
-        m, kn = methods_lib.build(method, **knobs)
+    def image_tokens(self, pixels, *, dense_method: str = "gem", with_ori: bool = True, **knobs):
+        """(method tokens, original tokens), each [B, 1+N, E].  `dense_method` names the method
+        (not `method`: linen's `apply` takes that one); `knobs`: its knobs (GEM: gem_depth,
+        ss_attn_iter, ss_attn_temp; traced) and static options (branches)."""
+        m, kn = methods_lib.build(dense_method, **knobs)
         with _intercepting(self.linear_interceptor):
             return model_lib._dense_impl(self._tree(), pixels, kn, None, cfg=self.config,
                                          method=m, with_ori=with_ori, use_ori=False, maps=False,
                                          normalize=False, ex=self.execution)
 
-    def heatmaps(self, pixels, text_emb, *, method: str = "gem", normalize: bool = True,
+    def heatmaps(self, pixels, text_emb, *, dense_method: str = "gem", normalize: bool = True,
                  use_ori: bool = False, **knobs):
-        """Heatmaps [B, P, H, W] for text embeddings [P, E] (or [B, P, E])."""
-        m, kn = methods_lib.build(method, **knobs)
+        """Heatmaps [B, P, H, W] for text embeddings [P, E] (or [B, P, E]), e.g.
+        `clip.apply(v, px, emb, method="heatmaps", dense_method="naclip")`."""
+        m, kn = methods_lib.build(dense_method, **knobs)
         with _intercepting(self.linear_interceptor):
             return model_lib._dense_impl(self._tree(), pixels, kn, text_emb, cfg=self.config,
                                          method=m, with_ori=False, use_ori=use_ori, maps=True,

@@ -113,9 +113,10 @@ class Demo:
         img = to_rgb(image)
         contrast = bool(contrast) and self.toy
         texts = [template.format(p) for p in prompts] + (list(CLASS_PROMPTS) if contrast else [])
-        kw = dict(gem_depth=gem_depth, ss_attn_iter=iters, ss_attn_temp=t, template=None,
-                  normalize=False)
-        if method != "gem":  # the method zoo's keyword, only when another method is chosen
+        kw = dict(template=None, normalize=False)
+        if method == "gem":  # GEM's knobs; the other methods run with their upstream defaults
+            kw.update(gem_depth=gem_depth, ss_attn_iter=iters, ss_attn_temp=t)
+        else:
             kw["method"] = method
         t0 = time.perf_counter()
         pixels = self.model.preprocess([img], size=size)

@@ -301,10 +301,10 @@ def test_every_method_through_every_entry_point(toy):
                                      background_threshold=0.4))
         assert (ids == np.asarray(segment_from_scores(raw, 0.4))).all(), name
         # (image_tokens(method=...) runs for every method in the parity tests above)
-        # Flax: `apply`'s own `method` takes the module function, so the dense method is named
-        # inside a callable
-        fl = clip.apply({"params": toy.params}, px, emb, method=lambda m, p, e, n=name:
-                        m.heatmaps(p, e, method=n, normalize=False))
+        # Flax: `apply`'s own `method` names the module function; the dense method is
+        # `dense_method`
+        fl = clip.apply({"params": toy.params}, px, emb, method="heatmaps", dense_method=name,
+                        normalize=False)
         assert np.abs(np.asarray(fl) - raw).max() < 1e-5, name  # raw cosines
         seen[name] = raw
     # a ragged call is each image's own call (shared prompts: the shared call's maps), except that
