@@ -162,7 +162,7 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
     from .io import InputError
     from .outputs import (MANIFEST, Journal, Manifest, OutIsAFileError, OutputPlan,
                           check_out_dir, read_journals, read_manifest, remove_journals,
-                          resume_state)
+                          remove_temps, resume_state)
     from .pipeline import expand_records, stream
     pid, n = cluster.process_id, cluster.num_processes
     out = Path(opts.out)
@@ -193,6 +193,8 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
         usage_error(str(e))
     except FileExistsError as e:
         err = str(e)
+        if not opts.resume and "--force" in err:
+            err += "; or --resume to continue it (skipping the images already complete)"
     _stop_if_any(dist.agree(err), fail)
 
     # 3. the model and the step function (usage errors are the same on every process).
@@ -220,6 +222,9 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
     manifest = None
     if pid == 0:
         out.mkdir(parents=True, exist_ok=True)
+        # Temporary files of writes a killed run left behind (ours, by their names): nothing
+        # writes outputs before the barrier below, so none of them is in use.
+        remove_temps(out, plan.names)
         for i, e in done_before.items():
             im = images[i]
             im.update({k: v for k, v in e.items()
@@ -268,7 +273,18 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
                 manifest.image_failed(i, error)
                 manifest.maybe_save()
 
+    stop = threading.Event()  # set by the first failed write: no further writes start
+
     def write_one(i, row, result):
+        if stop.is_set():
+            return 0
+        try:
+            return _write_one(i, row, result)
+        except BaseException:
+            stop.set()
+            raise
+
+    def _write_one(i, row, result):
         from PIL import Image
         img = Image.fromarray(row["image"]) if row.get("image") is not None else None
         files = []

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 __all__ = ["MANIFEST", "OutIsAFileError", "OutputConflictError", "file_key", "OutputPlan",
            "Previous", "check_out_dir", "Manifest", "read_manifest", "manifest_files",
            "check_checkpoint_dir", "install_dir", "Journal", "journal_name", "is_journal",
-           "read_journals", "remove_journals", "resume_state", "VOLATILE_HEADER"]
+           "read_journals", "remove_journals", "remove_temps", "resume_state", "VOLATILE_HEADER"]
 
 MANIFEST = "manifest.json"
 FORMAT = "gem_jax.manifest"
@@ -364,6 +364,26 @@ def read_journals(out: str | os.PathLike) -> list[dict]:
                 entries.append(e)
     return sorted(entries, key=lambda e: e.get("t", 0.0) if isinstance(e.get("t"), (int, float))
                   else 0.0)  # stable: the order written, across processes and runs
+
+
+def remove_temps(out: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Remove the temporary files that interrupted atomic writes of `names` left in OUT (a
+    killed process cannot remove its own): `.{name}.XXXX.tmp`.  Returns what was removed."""
+    out = Path(out)
+    known = set(names) | {MANIFEST}
+    gone = []
+    try:
+        entries = os.listdir(out)
+    except OSError:
+        return gone
+    for e in entries:
+        if _is_our_temp(e, known) and (out / e).is_file():
+            try:
+                os.unlink(out / e)
+                gone.append(e)
+            except FileNotFoundError:
+                pass
+    return gone
 
 
 def remove_journals(out: str | os.PathLike) -> None:

@@ -134,8 +134,13 @@ def reference(data, ckpt):
 
 
 def read_outputs(out: Path) -> dict:
-    return {p.name: (np.load(p) if p.suffix == ".npy" else np.asarray(Image.open(p)))
-            for p in sorted(out.iterdir()) if p.name != "manifest.json"}
+    def read(p):
+        try:
+            return np.load(p) if p.suffix == ".npy" else np.asarray(Image.open(p))
+        except OSError as e:
+            raise AssertionError(f"{p} ({p.stat().st_size} bytes): {e}; ls: "
+                                 f"{sorted(q.name for q in out.iterdir())}") from e
+    return {p.name: read(p) for p in sorted(out.iterdir()) if p.name != "manifest.json"}
 
 
 def assert_same_outputs(out: Path, ref: Path):
@@ -296,6 +301,7 @@ def test_sigkill_then_resume_completes_without_recomputing(data, ckpt, reference
     import re
     assert re.search(rf"\b{len(before)} already complete \(--resume\)", res[0][1]), res[0][1]
     assert not list(out.glob("*.jsonl"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # killed writes' temps
 
 
 def _stat(p: Path):
