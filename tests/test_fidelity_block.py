@@ -4,7 +4,7 @@
    `gem.gem_utils.SelfSelfAttention` of gem_torch 1.0.1, with its qkv and proj weights set from
    the same arrays, on tokens with realistic norms (LayerNorm outputs with CLIP-like scale/bias and
    a few large-norm outlier tokens).
-2. Branch subsets against a float64 numpy transcription of the formula (upstream only has all three).
+2. Branch subsets against a float64 numpy transcription of the formula (upstream has all three only).
 3. Exact softmax for every finite τ (negative, zero, large, traced, vmapped with mixed signs) in
    every CPU implementation path: "einsum", "xla", and their head-chunked forms (heads_per_step>0).
    "cudnn" runs only on NVIDIA GPUs (jax.nn.dot_product_attention's cuDNN kernel), so it is not
@@ -32,8 +32,8 @@ N = 197          # ViT-B/16 @224 tokens (class + 14x14)
 
 # ----------------------------------------------------------------------------- inputs
 def clip_like_tokens(seed: int, b: int = 2, n: int = N, d: int = D, outliers: int = 3):
-    """LN1 outputs as a real CLIP block sees them: LayerNorm of correlated tokens times a per-channel
-    gain spread around 1 plus a bias; and a few outlier tokens with "massive activations" (two
+    """LN1 outputs as a real CLIP block sees them: LayerNorm of correlated tokens times a
+    per-channel gain spread around 1 plus a bias; and a few outlier tokens with "massive activations" (two
     channels ~100x the rest, as real ViTs have) whose LN outputs, through those channels' larger
     gains, have ~5x the median norm.  GEM's adaptive τ is the mean of these norms."""
     rng = np.random.default_rng(seed)
@@ -94,7 +94,8 @@ def heads_qkv(x, w):
 def merge_out(o, w):
     b, h, n, k = o.shape
     o = o.transpose(0, 2, 1, 3).reshape(b, n, h * k)
-    return jnp.einsum("bne,de->bnd", o, w["w_out"], precision=jax.lax.Precision.HIGHEST) + w["b_out"]
+    hp = jax.lax.Precision.HIGHEST
+    return jnp.einsum("bne,de->bnd", o, w["w_out"], precision=hp) + w["b_out"]
 
 
 def np_softmax(s):
@@ -135,7 +136,7 @@ def block_case():
 def test_block_matches_upstream_self_self_attention(block_case, temp, ss_attn_iter):
     """Our q/k/v -> self_self_attention -> out projection equals upstream's module output, the
     module run in float64 (exact reference; upstream's own fp32 run is printed beside).
-    Tolerance 1e-5 relative to max |output| (2.4 .. 20); observed <= 2.2e-6 (einsum and xla, all
+    Tolerance 1e-5 relative to max |output| (2.4 .. 20); observed <= 1.9e-6 (einsum and xla, all
     τ and iteration counts), upstream's own fp32 error <= 7e-7."""
     x, w, (q, k, v) = block_case
     m = upstream_block(w, ss_attn_iter, temp)
@@ -171,7 +172,8 @@ def test_adaptive_inv_temp_matches_upstream(block_case):
 @pytest.mark.parametrize("branches", [("v",), ("k",), ("q", "k"), ("q", "v"), ("v", "k", "q")])
 def test_branch_subsets_match_float64_transcription(block_case, branches):
     """Any subset (and order) of branches equals the float64 transcription averaged over exactly
-    those branches.  Tolerance 1e-5 relative to max |v|; observed <= 1e-6."""
+    those branches.  Tolerance 1e-5 relative to max |v|; observed <= 2.5e-7.  Each proper subset
+    differs from the three-branch output by 0.03-0.15 of max |v| (asserted > 1e-3)."""
     x, w, (q, k, v) = block_case
     tau = gem.adaptive_inv_temp(jnp.asarray(x), K)
     for ss_attn_iter in (0, 2):
@@ -234,20 +236,21 @@ def test_exact_softmax_every_finite_temperature(small_qkv, impl, heads_per_step)
 def test_exact_softmax_traced_and_vmapped_temperature(small_qkv, impl, heads_per_step):
     """τ as a traced value (jit argument, with a traced iteration count), as a per-image [B]
     vector with mixed signs, and vmapped over a vector of τ mixing signs: all equal the float64
-    reference.  Tolerance 1e-5 relative to max |v|, observed <= 2e-7 where the path is right."""
+    reference.  Tolerance 1e-5 relative to max |v|, observed <= 7.2e-7 where the path is right."""
     q, k, v = small_qkv
     f = jax.jit(lambda t, it: gem.self_self_attention(q, k, v, t, it, impl=impl,
                                                       heads_per_step=heads_per_step))
     errs = {}
     for it, temps in ((0, [-120.0, -5.0, 0.5, 1e3]), (2, [-5.0, -0.5, 0.5, 1e3])):
         temps = jnp.asarray(temps, jnp.float32)
+        ref = lambda t: np_ss_attention(q, k, v, t, it)
         for t in temps:  # traced scalar τ and iteration count
-            errs[f"jit τ={float(t):g} iter={it}"] = rel_err(f(t, it), np_ss_attention(q, k, v, t, it), v)
+            errs[f"jit τ={float(t):g} iter={it}"] = rel_err(f(t, it), ref(t), v)
         outs = jax.vmap(lambda t: f(t, it))(temps)
         for i, t in enumerate(temps):
-            errs[f"vmap τ={float(t):g} iter={it}"] = rel_err(outs[i], np_ss_attention(q, k, v, t, it), v)
+            errs[f"vmap τ={float(t):g} iter={it}"] = rel_err(outs[i], ref(t), v)
         tb = jnp.asarray([-5.0, 5.0], jnp.float32)  # one τ per image, mixed signs
-        errs[f"per-image [-5, 5] iter={it}"] = rel_err(f(tb, it), np_ss_attention(q, k, v, tb, it), v)
+        errs[f"per-image [-5, 5] iter={it}"] = rel_err(f(tb, it), ref(tb), v)
     print(impl, heads_per_step, "max", f"{max(errs.values()):.2g}")
     bad = {k_: f"{e:.3g}" for k_, e in errs.items() if not e <= 1e-5}
     assert not bad, f"{impl}/heads_per_step={heads_per_step}: errors relative to max |v|: {bad}"
@@ -276,7 +279,8 @@ def _nn_row_max_count(fn, n):
         if eqn.primitive.name not in ("reduce_max", "argmax"):
             continue
         shape = eqn.invars[0].aval.shape
-        if len(shape) >= 2 and shape[-2:] == (n, n) and len(shape) - 1 in eqn.params.get("axes", ()):
+        last_axis = len(shape) - 1 in eqn.params.get("axes", ())
+        if len(shape) >= 2 and shape[-2:] == (n, n) and last_axis:
             count += 1
     return count
 
