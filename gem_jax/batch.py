@@ -254,6 +254,16 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
     bar = _progress(len(mine), opts, task.command, cluster)
     lock = threading.Lock()
 
+    # With one process manifest.json is also kept up to date as images finish: after every
+    # image in small runs, at most once a second in large ones (each save rewrites the whole
+    # file; the journal is the per-image record either way).
+    last_save = [time.monotonic()]
+
+    def save_manifest():
+        if len(images) <= 64 or time.monotonic() - last_save[0] >= 1.0:
+            manifest.maybe_save()
+            last_save[0] = time.monotonic()
+
     def record_done(i, row, files, info):
         journal.record(images[i]["image"], "done", files, process=pid, run=run_id,
                        image_size=list(row["image_size"]), **info)
@@ -261,7 +271,7 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
             with lock:
                 manifest.image_done(i, image_size=list(row["image_size"]), process=pid,
                                     run=run_id, **info)
-                manifest.maybe_save()
+                save_manifest()
 
     def record_failed(i, error):
         bar.write(f"error: {error}", file=sys.stderr)  # on its own line, above the bar
@@ -271,7 +281,7 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
         if manifest is not None and n == 1:
             with lock:
                 manifest.image_failed(i, error)
-                manifest.maybe_save()
+                save_manifest()
 
     stop = threading.Event()  # set by the first failed write: no further writes start
 

@@ -280,38 +280,51 @@ def _prompts_or_usage_error(parser, prompts, what):
         parser.error(str(e))
 
 
-def _run_images(args, task) -> int:
-    """Run an image task (gem_jax.batch) on this process's share of the inputs; one process or
-    many (--coordinator/--num-processes/--process-id).  Prints this process's summary (and
-    process 0 the whole run's); the exit code is the run's."""
+def run_images(args, task):
+    """Run an image task (gem_jax.batch) on this process's share of the inputs, one process or
+    many (--coordinator/--num-processes/--process-id): (exit code, this process's Stats,
+    every process's Stats).  Prints nothing."""
     from gem_jax.batch import Options, run_task
     from gem_jax.distributed import cluster_from_args
     parser = args._parser
     cluster = cluster_from_args(parser, args)   # before JAX computes anything
-    out = check_out(parser, args)
-    opts = Options(images=args.images, out=out, size=args.size, batch_size=args.batch_size,
-                   force=args.force, resume=args.resume, workers=args.workers,
-                   writers=args.writers, quiet=args.quiet)
+    opts = Options(images=args.images, out=check_out(parser, args), size=args.size,
+                   batch_size=args.batch_size, force=args.force, resume=args.resume,
+                   workers=args.workers, writers=args.writers, quiet=args.quiet)
 
     def fail(msg):
         raise CLIError(msg)
+    return run_task(task, opts, cluster, load_model=lambda: load_model(args),
+                    check_model=lambda m: check_knobs(parser, m, args),
+                    usage_error=parser.error, fail=fail)
 
-    code, stats, everyone = run_task(task, opts, cluster, load_model=lambda: load_model(args),
-                                     check_model=lambda m: check_knobs(parser, m, args),
-                                     usage_error=parser.error, fail=fail)
+
+def _run_images(args, task) -> int:
+    """`run_images`, then this process's summary (and process 0 the whole run's); the exit
+    code is the run's."""
+    from gem_jax.distributed import cluster_from_args
+    cluster = cluster_from_args(args._parser, args)
+    out = Path(args.out)
+    code, stats, everyone = run_images(args, task)
     who = f"process {cluster.process_id}/{cluster.num_processes}: " if cluster.multi else ""
     if not args.quiet:
         line = _throughput(stats)
         print(f"{who}{line}")
         if cluster.multi and cluster.process_id == 0:
             print(f"all {cluster.num_processes} processes: {_overall(everyone)}")
-    failures = [f for s in everyone for f in s.failures]
-    total = sum(s.images for s in everyone) + stats.skipped
+    # Process 0 reports the whole run's failures, every other process its own.
+    mine_only = cluster.multi and cluster.process_id != 0
+    failures = stats.failures if mine_only else [f for s in everyone for f in s.failures]
+    total = stats.images if mine_only else sum(s.images for s in everyone) + stats.skipped
     if failures:
         print(f"error: {len(failures)} of {total} image(s) failed "
               f"({', '.join(failures[:3])}{', ...' if len(failures) > 3 else ''}); "
               f"{who}wrote {stats.files} file(s) for the others to {out} "
               f"(see {out / 'manifest.json'})", file=sys.stderr)
+        return code
+    if code:
+        print(f"error: images failed on other processes; {who}wrote {stats.files} file(s) to "
+              f"{out} (see process 0's output and {out / 'manifest.json'})", file=sys.stderr)
         return code
     if not args.quiet:
         print(f"{who}wrote {stats.files} file(s) to {out} (manifest.json maps them to images and "
@@ -325,6 +338,9 @@ def _throughput(s) -> str:
     parts = [f"{s.done} image(s) in {s.seconds:.1f} s"]
     if s.done and s.seconds > 0:
         parts.append(f"{s.images_per_s:.2f} images/s")
+    if not math.isnan(s.steady_images_per_s):
+        parts[-1] += (f" ({s.steady_images_per_s:.2f} after the first step, which took "
+                      f"{s.first_step:.1f} s with compilation)")
     share = s.host_wait_share
     if not math.isnan(share):
         parts.append(f"host wait {share:.0%} of device time")
@@ -375,6 +391,11 @@ examples:
 
 
 def cmd_heatmap(args) -> int:
+    return _run_images(args, heatmap_task(args))
+
+
+def heatmap_task(args):
+    """The `heatmap` command's gem_jax.batch.Task for parsed arguments."""
     from gem_jax import viz
     from gem_jax.batch import Task
     from gem_jax.distributed import heatmap_step
@@ -421,8 +442,7 @@ def cmd_heatmap(args) -> int:
 
     header = _header(args, "heatmap", knobs, prompts=prompts, output_format=args.format,
                      render=dict(alpha=args.alpha, cmap=args.cmap))
-    return _run_images(args, Task("heatmap", header, plan_image, build_step, write,
-                                  keep_image=png))
+    return Task("heatmap", header, plan_image, build_step, write, keep_image=png)
 
 
 # ----------------------------------------------------------------------------- segment
@@ -446,6 +466,11 @@ examples:
 
 
 def cmd_segment(args) -> int:
+    return _run_images(args, segment_task(args))
+
+
+def segment_task(args):
+    """The `segment` command's gem_jax.batch.Task for parsed arguments."""
     import numpy as np
     from PIL import Image
     from gem_jax import viz
@@ -493,8 +518,7 @@ def cmd_segment(args) -> int:
     header = _header(args, "segment", knobs, classes=list(classes), ids=ids,
                      background_threshold=args.background_threshold, output_format=args.format,
                      render=dict(alpha=args.alpha))
-    return _run_images(args, Task("segment", header, plan_image, build_step, write,
-                                  keep_image=png))
+    return Task("segment", header, plan_image, build_step, write, keep_image=png)
 
 
 # ----------------------------------------------------------------------------- models
