@@ -245,7 +245,8 @@ def run_task(task: Task, opts: Options, cluster, *, load_model: Callable,
     todo = [i for i in range(len(images)) if i not in done_before]
     mine = todo[pid::n]
     b = dp.local_batch(opts.batch_size)
-    steps = max(math.ceil(len(todo[p::n]) / b) for p in range(n)) if todo else 0
+    steps = max(math.ceil(len(todo[p::n]) / dp.local_batch(opts.batch_size, p))
+                for p in range(n)) if todo else 0
     stats = Stats(pid, n, images=len(mine), skipped=len(done_before), steps=steps)
     journal = Journal(out, pid, n, run_id)
     workers = opts.workers if opts.workers >= 0 else default_workers(len(mine))

@@ -370,8 +370,15 @@ def _min_max(maps):
 # ----------------------------------------------------------------------------- heatmap
 HEATMAP_EPILOG = """\
 inputs: image files, directories (searched recursively for image files, sorted), quoted glob
-patterns ('photos/**/*.jpg'), and @list.txt files (one input per line).  Unreadable images are
-reported and skipped; the exit code is then 1, after all the others are done.
+patterns ('photos/**/*.jpg'), @list.txt files (one input per line), WebDataset-style .tar shards
+(each sample's image member) and brace ranges ('shards-{000..099}.tar').  Images are decoded and
+preprocessed ahead of the model by grain (--workers).  Unreadable images are reported and
+skipped; the exit code is then 1, after all the others are done.
+
+many processes (hosts): run the same command once per process with --coordinator HOST:PORT
+--num-processes N --process-id I (or JAX's environment variables, or --distributed on a TPU pod
+slice / SLURM); each process decodes and writes only its share, --out must be shared by all.
+--resume continues a run that was interrupted or crashed (skips the images already complete).
 
 outputs, for each IMAGE (stem S) in --out DIR:
   S_<prompt>.png   the heatmap of each prompt overlaid on the image (image size)
@@ -387,6 +394,9 @@ examples:
   gem-jax heatmap 'shots/*.png' @more.txt -p cat --temp adaptive --out maps
   gem-jax heatmap cat.jpg -p cat --gem-depth 5 --iters 2 --temp 0.5 --out maps --force
   gem-jax heatmap cat.jpg -p cat --model ckpt/tiny --gem-depth 3 --size 64   # offline
+  gem-jax heatmap cat.jpg -p cat --method maskclip                            # another method
+  gem-jax heatmap 'shards-{000..099}.tar' -p cat --format npy --out /shared/maps --resume \\
+      --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0            # host 0 of 2
 """
 
 

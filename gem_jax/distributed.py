@@ -128,8 +128,8 @@ def add_distributed_args(p) -> None:
     from .argtypes import nonneg_int, positive_int
     g = p.add_argument_group(
         "multi-process (JAX distributed; run the same command once per process)",
-        f"each process reads only its share of the inputs and writes only its images' outputs; "
-        f"--out must be on a file system all processes share.  Defaults come from "
+        f"each process reads only its share of the inputs and writes only its images'\n"
+        f"outputs; --out must be on a file system all processes share.  Defaults come from\n"
         f"{ENV['coordinator']}, {ENV['num_processes']}, {ENV['process_id']}.")
     g.add_argument("--coordinator", type=coordinator_address, metavar="HOST:PORT",
                    help="address of process 0, where the processes meet (any free port)")
@@ -203,13 +203,26 @@ class DataParallel:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         devices = list(devices if devices is not None else jax.devices())
         self.mesh = Mesh(np.array(devices), ("data",))
-        self.local_devices = sum(d.process_index == jax.process_index() for d in devices)
+        counts: dict[int, int] = {}
+        for d in devices:
+            counts[d.process_index] = counts.get(d.process_index, 0) + 1
+        self.devices_per_process = [counts.get(p, 0) for p in range(jax.process_count())]
+        self.local_devices = counts.get(jax.process_index(), 0)
         self.rows = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
 
-    def local_batch(self, b: int) -> int:
-        """Rows per process per step: `b` rounded up to a multiple of the local devices."""
-        return -(-int(b) // self.local_devices) * self.local_devices
+    def rows_per_device(self, b: int) -> int:
+        """Rows each device takes per step so that every process gets at least `b` images per
+        step (the same on every device: a row-sharded global array needs equal shards)."""
+        return -(-int(b) // max(1, min(self.devices_per_process)))
+
+    def local_batch(self, b: int, process: int | None = None) -> int:
+        """Rows of `process` (default this one) per step: rows_per_device(b) times its
+        devices; `b` rounded up to a multiple of the local devices when all processes have
+        as many devices."""
+        import jax
+        n = self.devices_per_process[jax.process_index() if process is None else process]
+        return self.rows_per_device(b) * n
 
     def replicate(self, tree):
         """A pytree of host values → global arrays replicated on every device (None stays)."""
