@@ -82,7 +82,10 @@ def test_every_method_runs_heatmap_and_segment(capsys, ckpt, model, image, tmp_p
         want = np.asarray(model.segment(px, ["sun", "sea", "sky"], method=method,
                                         background_threshold=0.4))[0]
         want = np.asarray(Image.fromarray(want).resize((48, 40), Image.NEAREST))
-        assert np.array_equal(ids, want) and len(np.unique(ids)) > 1
+        # The CLI's class ids equal the library's (on this random tiny model the background
+        # threshold may leave a single class, so no assertion on how many classes appear;
+        # test_methods_differ checks that --method reaches the model).
+        assert np.array_equal(ids, want)
 
 
 def test_methods_differ(capsys, ckpt, image, tmp_path):
