@@ -45,7 +45,7 @@ log = os.environ["WRITE_LOG"]
 def logged(path, write, **kw):
     r = real(path, write, **kw)
     with open(log, "a") as f:
-        f.write(f"{os.environ.get('JAX_PROCESS_ID', '-')} {os.fspath(path)}\n")
+        f.write(f"{os.environ.get('WRITER_ID', '-')} {os.fspath(path)}\n")
     return r
 io.atomic_write = logged
 from gem_jax.cli import main
@@ -62,7 +62,7 @@ def free_port() -> int:
 def env_for(process: int, port: int, n: int = 2, devices: int = 1, **extra) -> dict:
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                JAX_PROCESS_ID=str(process), JAX_PLATFORMS="cpu", GEM_JAX_HEARTBEAT_TIMEOUT="10",
-               PYTHONPATH=str(REPO), **extra)
+               PYTHONPATH=str(REPO), WRITER_ID=str(process), **extra)
     env.pop("XLA_FLAGS", None)
     if devices > 1:  # several CPU devices per process: a global mesh of n * devices
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -88,11 +88,20 @@ def finish(procs, timeout=TIMEOUT):
     return res
 
 
-def run2(argv, cwd, log, devices=1):
-    """`gem-jax ARGV` as 2 processes (the coordination flags from JAX's environment variables)."""
+def run2(argv, cwd, log, devices=1, flags=False):
+    """`gem-jax ARGV` as 2 processes, joined through JAX's environment variables, or with
+    `flags` through --coordinator/--num-processes/--process-id (the variables then unset)."""
     port = free_port()
-    return finish(start(argv, [env_for(i, port, devices=devices, WRITE_LOG=str(log))
-                               for i in range(2)], cwd))
+    envs = [env_for(i, port, devices=devices, WRITE_LOG=str(log)) for i in range(2)]
+    if not flags:
+        return finish(start(argv, envs, cwd))
+    procs = []
+    for i, env in enumerate(envs):
+        for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+            env.pop(k)
+        procs += start([*argv, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                        "--process-id", i], [env], cwd)
+    return finish(procs)
 
 
 def make_images(d: Path, n: int = 24, corrupt: int = 23) -> dict:
@@ -180,7 +189,7 @@ def test_two_processes_write_each_output_once_equal_to_one_process(data, ckpt, r
     # 2 CPU devices per process: one global mesh of 4 devices, 2 rows per device per step; each
     # process's last batch is partial (11 valid images on process 1).
     res = run2(["heatmap", root / "imgs", *PROMPTS, "--model", ckpt, *KNOBS, "--format", "both",
-                "--out", out, "-b", "4"], root, log, devices=2)
+                "--out", out, "-b", "4"], root, log, devices=2, flags=True)
     for rc, so, se in res:
         assert rc == 1, se[-3000:]   # one image failed: the run's exit code, on both processes
     # Every valid image's outputs equal the single-process outputs.
@@ -244,7 +253,7 @@ def test_eval_two_processes_same_miou_exactly(ckpt, tmp_path):
     one = tmp_path / "one.json"
     assert eval_main([str(a) for a in args[1:]] + ["--out", str(one)]) == 0
     two = tmp_path / "two.json"
-    res = run2([*args, "--out", two], tmp_path, tmp_path / "w.log")
+    res = run2([*args, "--out", two], tmp_path, tmp_path / "w.log", flags=True)
     for rc, so, se in res:
         assert rc == 0, se[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
