@@ -12,10 +12,12 @@ CLIP by default (`--model DIR` for another checkpoint), GEM at its defaults, two
 
 Each repeat runs, in an order that rotates between repeats (this machine is shared):
 * model: the step (`gem_jax.distributed.heatmap_step`, the same compiled program the command
-  runs) over all batches of preprocessed pixels, dispatched back to back, until the last is
-  ready (compilation done beforehand);
+  runs) over the same batches, preprocessed beforehand and in memory: the first batch apart
+  (compilation), then each next batch dispatched while the previous one computes, as the
+  command does, until the last is ready;
 * pipeline (npy): `gem-jax heatmap --format npy` in this process (`gem_jax.cli.run_images`),
-  its images/s after the first step (which includes compiling), outputs = raw maps;
+  its images/s after the first step (which includes compiling) until the last output is
+  written, outputs = raw maps;
 * pipeline (png), with `--formats npy,png`: the same with `--format png` (overlays and a grid per
   image; rendering PNGs is CPU work that a CPU-only machine shares with the model).
 
@@ -69,13 +71,18 @@ def model_only(model, paths, size: int, batch: int, prompts) -> float:
     batches = [px[i:i + b] for i in range(0, len(px), b)]
     batches[-1] = np.concatenate([batches[-1], np.zeros((b - len(batches[-1]),) + px.shape[1:],
                                                         px.dtype)])
-    step(batches[0]).block_until_ready()  # compile
+    # As the command measures itself: the first batch (compilation) apart, then the others
+    # dispatched as it dispatches them (the next one queued while the previous one computes).
+    step(batches[0]).block_until_ready()
     t = time.perf_counter()
-    outs = [step(x) for x in batches]
-    outs[-1].block_until_ready()
-    for o in outs:
-        o.block_until_ready()
-    return len(paths) / (time.perf_counter() - t)
+    pending = None
+    for x in batches[1:]:
+        out = step(x)
+        if pending is not None:
+            pending.block_until_ready()
+        pending = out
+    pending.block_until_ready()
+    return (len(paths) - b) / (time.perf_counter() - t)
 
 
 def pipeline(src: Path, out: Path, model: str, size: int, batch: int, fmt: str, workers: int):
