@@ -115,6 +115,14 @@ def add_knob_args(g, *, temp_default=None) -> None:
                         + "; --method gem only)")
 
 
+def _method_knob(s: str):
+    from gem_jax.methods import parse_knob
+    try:
+        return parse_knob(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def method_knobs(parser, args) -> dict:
     """The knobs of --method from the command line: GEM's three for gem; for another method,
     none of them (its own defaults apply).  A GEM knob given explicitly with another method is a
@@ -129,8 +137,11 @@ def method_knobs(parser, args) -> dict:
         parser.error(f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to method "
                      f"{method!r} (GEM's knobs; {method}'s knobs: "
                      f"{', '.join(cls.knob_names) or 'none'}, left at their defaults)")
-    return {knob: getattr(args, dest) for dest, knob in GEM_KNOB_FLAGS.values()
-            if knob in cls.knob_names}
+    knobs = {knob: getattr(args, dest) for dest, knob in GEM_KNOB_FLAGS.values()
+             if knob in cls.knob_names}
+    # --knob KEY=VALUE: the method's other knobs and options (checked when the step is built:
+    # one that does not apply to the method is a usage error naming the method's).
+    return dict(knobs, **dict(getattr(args, "knob", None) or []))
 
 
 def add_gem_args(p: argparse.ArgumentParser) -> None:
@@ -145,6 +156,10 @@ def add_gem_args(p: argparse.ArgumentParser) -> None:
     methods = method_names()
     g.add_argument("--method", choices=methods, default=methods[0],
                    help=f"heatmap method (default {methods[0]})")
+    g.add_argument("--knob", action="append", default=[], type=_method_knob, metavar="KEY=VALUE",
+                   help="a knob or option of --method, e.g. gaussian_std=3 (naclip), blocks=4 "
+                        "(surgery), residual=true (maskclip), branches=v (gem); repeat for "
+                        "several (docs/methods.md lists them)")
     g.add_argument("--batch-size", "-b", type=_positive_int, default=4, metavar="N",
                    help="images per step on each process (default 4; rounded up to a multiple "
                         "of its devices); a few batches are held in memory at a time")
@@ -267,9 +282,10 @@ def _header(args, command: str, knobs: dict, **extra) -> dict:
     from gem_jax import methods
     cls = methods.METHODS[getattr(args, "method", "gem")]
     all_knobs = {k: knobs.get(k, cls.defaults.get(k)) for k in cls.knob_names}
+    options = {k: v for k, v in knobs.items() if k not in cls.knob_names}
     return dict(command=command, model=str(args.model), method=getattr(args, "method", "gem"),
                 knobs=dict(all_knobs, template=args.template, size=args.size, dtype=args.dtype),
-                **extra)
+                **({"method_options": options} if options else {}), **extra)
 
 
 def _prompts_or_usage_error(parser, prompts, what):

@@ -125,3 +125,25 @@ def test_gem_knobs_apply_to_gem(capsys, ckpt, image, tmp_path):
 def test_unknown_method_exit_2(capsys, image, command, target):
     rc, so, err = run(capsys, command, image, target, "x", "--method", "nosuch")
     assert rc == 2 and "invalid choice: 'nosuch'" in err and "maskclip" in err
+
+
+def test_knob_flag_sets_the_methods_own_knobs(capsys, ckpt, model, image, tmp_path):
+    px = model.preprocess([read_image(image)], size=SIZE)
+    out = tmp_path / "n"
+    rc, so, err = run(capsys, "heatmap", image, "-p", "x", "--model", ckpt, "--size", SIZE,
+                      "--method", "naclip", "--knob", "gaussian_std=2", "--format", "npy",
+                      "--out", out)
+    assert rc == 0, err
+    want = np.asarray(model.heatmaps(px, ["x"], method="naclip", gaussian_std=2.0,
+                                     normalize=False))[0]
+    default = np.asarray(model.heatmaps(px, ["x"], method="naclip", normalize=False))[0]
+    raw = np.load(out / "a_raw.npy")
+    # Observed max |diff| 0.0; tolerance 1e-6.  Teeth: the default std gives other maps.
+    assert np.abs(raw - want).max() <= 1e-6 and np.abs(raw - default).max() > 1e-4
+    assert json.loads((out / "manifest.json").read_text())["knobs"]["gaussian_std"] == 2.0
+    rc, so, err = run(capsys, "heatmap", image, "-p", "x", "--model", ckpt, "--size", SIZE,
+                      "--method", "maskclip", "--knob", "gaussian_std=2", "--out", tmp_path / "m")
+    assert rc == 2 and "gaussian_std does not apply to method 'maskclip'" in err, err
+    assert not (tmp_path / "m").exists()
+    rc, so, err = run(capsys, "heatmap", image, "-p", "x", "--knob", "gaussian_std")
+    assert rc == 2 and "expected KEY=VALUE" in err
