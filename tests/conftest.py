@@ -80,15 +80,9 @@ def make_openclip(name: str, path: Path, seed: int):
     """open_clip.create_model(name, pretrained=None), perturbed, saved in the OpenCLIP hub layout
     (open_clip_config.json + open_clip_model.safetensors), as open_clip's push_to_hf_hub does."""
     import open_clip
-    from safetensors.torch import save_file
     torch.manual_seed(seed)
     model = perturb_(open_clip.create_model(name, pretrained=None).eval(), seed)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(path / "open_clip_model.safetensors"))
-    cfg = {"model_cfg": open_clip.get_model_config(name),
-           "preprocess_cfg": {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}}
-    (path / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    save_openclip(model, name, path)
     return model
 
 
@@ -135,7 +129,8 @@ ATTN_BLOCKS, ATTN_IN, ATTN_OUT, ATTN_LN_GAIN = 7, 3.0, 4.0, 4.0
 
 
 def save_openclip(model, name: str, path: Path):
-    """Save an open_clip model in the OpenCLIP hub layout (as `make_openclip` does)."""
+    """Save an open_clip model in the OpenCLIP hub layout (open_clip_config.json +
+    open_clip_model.safetensors), as open_clip's push_to_hf_hub does."""
     import open_clip
     from safetensors.torch import save_file
     path.mkdir(parents=True, exist_ok=True)
