@@ -4,10 +4,14 @@ Two name sets per dataset:
 
 * ``"mmseg"``: the class names of the mmsegmentation dataset classes, verbatim (one prompt per
   class; ADE20K's ``'bed '`` without its trailing space).  Index order = label ids.
-* ``"sclip"``: SCLIP's ``configs/cls_*.txt`` (github.com/wangf3014/SCLIP), which ClearCLIP,
-  ProxyCLIP and NACLIP reuse: some classes have several prompts (synonyms, e.g. VOC's
+* ``"sclip"``: SCLIP's ``configs/cls_*.txt`` (github.com/wangf3014/SCLIP), which ProxyCLIP and
+  NACLIP reuse: some classes have several prompts (synonyms, e.g. VOC's
   ``person, person in shirt, ...``); a class's probability is the highest over its prompts.  On
   VOC21 and COCO-Object the background class is prompted with a list of "stuff" words.
+  ClearCLIP reuses them except on VOC21, VOC20 and COCO-Object, where its files have one plain
+  name per class (mmseg's, "background" prompted as such; on VOC "ship" and "table" for "boat"
+  and "diningtable"): `gem_jax.eval.protocols.clearclip_names`, ``--names clearclip`` in
+  ``gem-jax eval``.
 
 A name set is a list with one entry per class (label id), each entry a list of prompts.  Files
 in SCLIP's format (one class per line, prompts separated by commas) load with `read_names`.

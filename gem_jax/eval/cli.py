@@ -1,4 +1,5 @@
-"""``gem-jax eval``: mIoU of GEM on a standard segmentation validation set.
+"""``gem-jax eval``: mIoU of a training-free method (GEM by default) on a standard segmentation
+validation set, or p-mIoU on the OpenImages V7 point labels.
 
 `register(subparsers)` adds the ``eval`` subcommand to the top-level ``gem-jax`` parser;
 `main(argv)` runs it standalone (``python -m gem_jax.eval ...``).  Exit codes: 0 success,
@@ -12,39 +13,63 @@ import sys
 from pathlib import Path
 
 from .classnames import GEM_TEMPLATE, IMAGENET_TEMPLATES, NAME_SETS
-from .datasets import ALIASES, DATASETS
-from ..argtypes import DTYPES, gem_depth as _depth, model_source
+from .datasets import ALIASES, DATASETS, POINT_DATASETS
+from ..argtypes import DTYPES, finite_float as _finite_float, model_source
 from ..argtypes import nonneg_int as _nonneg_int, positive_float as _positive_float
-from ..argtypes import positive_int as _positive_int, temperature as _temp
+from ..argtypes import positive_int as _positive_int
+from ..cli import GEM_KNOB_FLAGS, _method_knob, add_knob_args, method_knobs, method_names
 
-__all__ = ["register", "add_arguments", "run", "main", "build_parser"]
+__all__ = ["register", "add_arguments", "run", "main", "build_parser", "kind_defaults"]
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
-DEFAULTS = {  # per protocol: what the corresponding papers' code does (see docs/reproduce.md)
+# Per protocol kind: what --method gem uses (the corresponding papers' code, docs/reproduce.md),
+# and any method given a --protocol other than its own (see kind_defaults).
+DEFAULTS = {
     "gem": dict(size=448, names="mmseg", background="threshold", threshold=0.85),
     "sliding": dict(size=336, names="sclip", background="both", threshold=0.1),
 }
+TEMPLATE_SET_NAMES = ("gem", "imagenet", "maskclip")   # gem_jax.eval.protocols.TEMPLATE_SETS
+NAME_SET_NAMES = tuple(NAME_SETS) + ("clearclip",)     # + protocols.clearclip_names
+POINT_THRESHOLD = 0.5
+POINT_SIZE = 448
 
 DESCRIPTION = """\
-Evaluate GEM open-vocabulary semantic segmentation (mIoU, per-class IoU, pixel accuracy) on a
-standard validation set in mmsegmentation's on-disk layout.  Two protocols:
-  gem      GEM's: resize to 448x448, the template "a photo of a {}.", maps upsampled to the label
-           size, argmax; background (voc21/context60/coco_object) where the top softmax
-           probability of logit_scale*cosine is below --background-threshold (default 0.85).
-  sliding  SCLIP/ClearCLIP/ProxyCLIP's: short side 336 keeping the aspect ratio, 336x336 windows
-           every 112 px averaged, 80 ImageNet templates, SCLIP's class names; background both
-           prompted and thresholded (default 0.1).
-Results go to --out as JSON (written atomically); a checkpoint <out>.ckpt.npz is kept while the
-run is unfinished so that --resume continues an interrupted run."""
+Evaluate a training-free open-vocabulary segmentation method (--method: GEM by default, MaskCLIP,
+CLIP Surgery, SCLIP, ClearCLIP, NACLIP) on a standard validation set in mmsegmentation's on-disk
+layout (mIoU, per-class IoU, pixel accuracy), or on the OpenImages V7 point labels (p-mIoU).
+
+Each method runs its own paper's protocol by default (gem_jax.eval.protocols.METHOD_PROTOCOLS,
+from its upstream configs; docs/methods.md); every protocol option given on the command line
+overrides that default.  Two protocol kinds:
+  gem      one pass at size x size; GEM's: 448x448, the template "a photo of a {}.", mmseg's
+           class names, background (voc21/context60/coco_object) where the top softmax
+           probability of logit_scale*cosine is below 0.85.  Also CLIP Surgery's (512, 85
+           templates, background prompted).
+  sliding  short side --size keeping the aspect ratio, --crop windows every --stride averaged
+           (SCLIP, ClearCLIP, NACLIP, MaskCLIP as re-run by ClearCLIP: sizes, templates, names,
+           logit scale, thresholds and PAMR per method and dataset).
+--dataset oiv7-points: one size x size pass per image (default 448), one heatmap per class with
+points on the image, min-max normalized, a point positive where its map exceeds
+--point-threshold (default 0.5); p-mIoU over the split (gem_jax.eval.oiv7); one process only.
+Results go to --out as JSON (written atomically) recording the method, its knobs, every protocol
+value and where the defaults came from; a checkpoint <out>.ckpt.npz is kept while the run is
+unfinished so that --resume continues an interrupted run."""
 
 EPILOG = """\
 examples:
   gem-jax eval --dataset voc21 --root data/VOCdevkit --model openai/clip-vit-base-patch16
   gem-jax eval --dataset context59 --root data/VOCdevkit --iters 2 --out context59.json
+  gem-jax eval --dataset voc21 --root data --method naclip          # NACLIP's protocol, PAMR on
+  gem-jax eval --dataset voc21 --root data --method naclip --pamr 0 # ... without PAMR
+  gem-jax eval --dataset ade20k --root data --method maskclip --knob residual=true  # official
+  gem-jax eval --dataset ade20k --root data --method sclip --logit-scale 50 --size 448
   gem-jax eval --dataset ade20k --root data/ade --protocol sliding --size 448 --crop 448
+  gem-jax eval --dataset oiv7-points --root data/openimages --method clearclip --limit 500
   gem-jax eval --dataset voc21 --root data/VOCdevkit --limit 50 --out smoke.json
   gem-jax eval --dataset voc21 --root data/VOCdevkit --out smoke.json --resume   # finish it
-datasets: """ + ", ".join(DATASETS) + " (aliases: " + ", ".join(sorted(ALIASES)) + ")"
+methods: """ + ", ".join(method_names()) + """
+datasets: """ + ", ".join(DATASETS) + " (aliases: " + ", ".join(sorted(ALIASES)) + """)
+point-label datasets: """ + ", ".join(POINT_DATASETS)
 
 
 def _threshold(s):
@@ -59,8 +84,17 @@ def _threshold(s):
     return v
 
 
+def _template(s):
+    if s in TEMPLATE_SET_NAMES or "{}" in s:
+        return s
+    raise argparse.ArgumentTypeError(f"expected a template with '{{}}' where the class name goes "
+                                     f"or one of {', '.join(TEMPLATE_SET_NAMES)}, got {s!r}")
+
+
 def _dataset_name(s):
-    from .datasets import get_dataset
+    from .datasets import get_dataset, get_point_dataset, is_point_dataset
+    if is_point_dataset(s):
+        return get_point_dataset(s).name
     try:
         return get_dataset(s).name
     except KeyError as e:
@@ -71,79 +105,106 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--dataset", required=True, type=_dataset_name, metavar="NAME",
                    help="voc21, voc20, context60, context59, ade20k, coco_stuff, coco_object, "
-                        "cityscapes (or an alias)")
+                        "cityscapes (or an alias); oiv7-points for the OpenImages V7 point labels")
     g.add_argument("--root", required=True, metavar="PATH",
                    help="the dataset directory or a parent of it (e.g. data/VOCdevkit)")
     g.add_argument("--model", default=DEFAULT_MODEL, type=model_source, metavar="SRC",
                    help=f"hub id or local checkpoint directory (default {DEFAULT_MODEL})")
     g.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights and compute dtype (default float32)")
-    g.add_argument("--protocol", default="gem", choices=["gem", "sliding"],
-                   help="gem (default) or sliding")
     g.add_argument("--limit", type=_positive_int, metavar="N",
                    help="only the first N images (sorted ids); resumable later without --limit")
 
+    g = p.add_argument_group("method")
+    methods = method_names()
+    g.add_argument("--method", choices=methods, default=methods[0],
+                   help=f"the dense method (default {methods[0]}); it brings its paper's protocol "
+                        f"defaults")
+    g.add_argument("--knob", action="append", default=[], type=_method_knob, metavar="KEY=VALUE",
+                   help="a knob or option of --method, e.g. gaussian_std=3 (naclip), blocks=4 "
+                        "(surgery), residual=true (maskclip: the official code and its "
+                        "protocol), branches=v (gem); repeat for several (docs/methods.md)")
+    add_knob_args(g)
+    g.add_argument("--ori", action="store_true",
+                   help="use the original CLIP tokens instead of the method's (the CLIP baseline)")
+
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="FILE.json",
-                   help="results JSON (default: eval-<dataset>-<protocol>.json)")
+                   help="results JSON (default: eval-<dataset>-<method>.json; "
+                        "eval-<dataset>-<method>-<protocol>.json with a --protocol other than "
+                        "the method's)")
     g.add_argument("--resume", action="store_true",
                    help="continue the unfinished run recorded in <out>.ckpt.npz")
     g.add_argument("--force", action="store_true",
                    help="overwrite existing results / discard an existing checkpoint")
     g.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="N",
-                   help="save the confusion matrix every N images (default 50)")
+                   help="save the confusion matrix (point counts) every N images (default 50)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
-    g = p.add_argument_group("GEM knobs")
-    g.add_argument("--gem-depth", type=_depth, default=7, metavar="D",
-                   help="GEM modifies the last D-1 blocks (default 7)")
-    g.add_argument("--iters", type=_nonneg_int, default=1, metavar="K",
-                   help="self-self attention iterations (default 1)")
-    g.add_argument("--temp", type=_temp, default=None, metavar="T",
-                   help="self-self attention inverse temperature, or 'adaptive' (default)")
-    g.add_argument("--ori", action="store_true",
-                   help="use the original CLIP tokens instead of GEM's (the CLIP baseline)")
-
-    g = p.add_argument_group("protocol")
+    g = p.add_argument_group(
+        "protocol", "each option defaults to the method's protocol on the dataset (shown for gem)")
+    g.add_argument("--protocol", choices=["gem", "sliding"],
+                   help="the protocol kind (default: the method's own; gem for gem and surgery, "
+                        "sliding for the others).  Naming the other kind keeps the method's "
+                        "tokens and knobs but takes that kind's generic defaults, those of "
+                        "--method gem --protocol KIND (gem: 448, one template, mmseg names, "
+                        "threshold 0.85; sliding: short side 336, 336 windows every 112, 80 "
+                        "templates, SCLIP's names, background both at 0.1, no PAMR), not the "
+                        "method's own")
     g.add_argument("--size", type=_positive_int, metavar="S",
-                   help="gem: the square input size (default 448); sliding: the short side "
-                        "(default 336)")
-    g.add_argument("--crop", type=_positive_int, metavar="C",
-                   help="sliding: window size (default --size)")
+                   help="gem: the square input size (448); sliding: the short side (336 for "
+                        "--protocol sliding); oiv7-points: the square input size (448)")
+    g.add_argument("--crop", type=_nonneg_int, metavar="C",
+                   help="sliding: window size, 0 for the whole image as one window (default: the "
+                        "method's, else --size)")
     g.add_argument("--stride", type=_positive_int, metavar="S",
-                   help="sliding: window stride (default 112 for crop 336, 224 for 448)")
-    g.add_argument("--max-long-side", type=_positive_int, default=2048, metavar="L",
+                   help="sliding: window stride (default: the method's, else 112 for crop 336, "
+                        "224 for 448)")
+    g.add_argument("--max-long-side", type=_positive_int, metavar="L",
                    help="sliding: cap on the resized long side (default 2048, as mmseg)")
-    g.add_argument("--resample", choices=["bicubic", "bilinear"], default="bicubic",
-                   help="sliding: PIL filter of the aspect-preserving resize (default bicubic)")
+    g.add_argument("--resample", choices=["bicubic", "bilinear"],
+                   help="sliding: PIL filter of the aspect-preserving resize (default: bilinear "
+                        "for the SCLIP family, mmseg's cv2 resize; bicubic for --protocol "
+                        "sliding)")
     g.add_argument("--names", metavar="SET|FILE",
-                   help=f"class prompts: {' or '.join(NAME_SETS)} or a text file with one class "
-                        f"per line, synonyms comma-separated (default: gem mmseg, sliding sclip)")
-    g.add_argument("--template", default=None, metavar="TEXT",
-                   help=f"gem: the prompt template (default {GEM_TEMPLATE!r}); sliding: use this "
-                        f"one template instead of the 80 ImageNet ones")
-    g.add_argument("--scores", choices=["cosine", "minmax"], default="cosine",
-                   help="gem: classify raw cosine maps (default) or per-map min-max normalized "
-                        "heatmaps")
+                   help=f"class prompts: {', '.join(NAME_SET_NAMES)} or a text file with one "
+                        f"class per line, synonyms comma-separated (default: the method's; "
+                        f"gem mmseg)")
+    g.add_argument("--template", type=_template, metavar="TEXT|SET",
+                   help=f"one prompt template with '{{}}' (gem: {GEM_TEMPLATE!r}), or a set: "
+                        f"{', '.join(TEMPLATE_SET_NAMES)} (the 80 ImageNet templates; MaskCLIP's "
+                        f"85)")
+    g.add_argument("--scores", choices=["cosine", "minmax"],
+                   help="gem protocol and oiv7-points: classify raw cosine maps (segmentation "
+                        "default) or per-map min-max normalized heatmaps (oiv7-points default)")
     g.add_argument("--logit-scale", type=_positive_float, metavar="S",
-                   help="softmax scale on the cosines (default: the model's learned scale, 100 for "
-                        "OpenAI CLIP)")
+                   help="softmax scale on the cosines (default: the method's, else the model's "
+                        "learned scale, 100 for OpenAI CLIP)")
     g.add_argument("--background", choices=["threshold", "prompt", "both"],
                    help="background on voc21/context60/coco_object: by threshold only (gem "
-                        "default), as a prompted class, or both (sliding default)")
+                        "default), as a prompted class, or both")
     g.add_argument("--background-threshold", type=_threshold, metavar="T",
-                   help="probability threshold for background, or 'none' (default: gem 0.85, "
-                        "sliding 0.1)")
+                   help="probability threshold for background, or 'none' (default: the "
+                        "method's; gem 0.85)")
+    g.add_argument("--pamr", type=_nonneg_int, metavar="STEPS",
+                   help="PAMR refinement iterations of the maps, 0 = off (default: the "
+                        "method's; 10 for naclip, else 0)")
+    g.add_argument("--point-threshold", type=_finite_float, metavar="T",
+                   help=f"oiv7-points: a point is positive where its class's map exceeds T "
+                        f"(default {POINT_THRESHOLD})")
+    g.add_argument("--missing-images", choices=["error", "skip"],
+                   help="oiv7-points: labelled images absent from disk are an error (default) "
+                        "or skipped (their number is recorded)")
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
-                   help="images (gem) or windows (sliding) per forward pass (default 1 on CPU, "
-                        "8 on accelerators)")
+                   help="images (gem, oiv7-points) or windows (sliding) per forward pass "
+                        "(default 1 on CPU, 8 on accelerators)")
     from ..distributed import add_distributed_args
     add_distributed_args(p)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand (``func=run``) to a top-level ``add_subparsers()`` object."""
-    p = subparsers.add_parser("eval", help="mIoU on a standard segmentation dataset",
+    p = subparsers.add_parser("eval", help="mIoU (p-mIoU) on a standard segmentation dataset",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -164,87 +225,240 @@ def _err(msg: str, code: int) -> int:
     return code
 
 
-def _options(args):
-    """Protocol options from the arguments; raises ValueError for inconsistent usage."""
+class _Usage:
+    """`gem_jax.cli.method_knobs` reports through parser.error; here a ValueError (exit 2)."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def error(self, msg):
+        raise ValueError(f"{msg}; set {self.method}'s knobs and options with --knob KEY=VALUE")
+
+
+def _knobs(args) -> dict:
+    """--method's knobs and options: GEM's flags (gem only), then --knob KEY=VALUE, with the
+    wording of `gem-jax heatmap`; ValueError for one that does not apply to the method."""
+    from .. import methods
+    knobs = method_knobs(_Usage(args.method), args)
+    explicit = getattr(args, "_explicit", set()) or set()
+    for flag, (dest, knob) in GEM_KNOB_FLAGS.items():  # --knob would silently win
+        if dest in explicit and knobs.get(knob) != getattr(args, dest):
+            raise ValueError(f"{flag} {getattr(args, dest)} and --knob {knob}={knobs[knob]} "
+                             f"disagree; give one")
+    methods.build(args.method, **knobs)  # a knob that does not apply: before loading the model
+    return knobs
+
+
+def _given(args, *dests) -> list[str]:
+    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) is not None]
+
+
+def _applies(flags: list[str]) -> str:
+    return f"{', '.join(flags)} appl{'ies' if len(flags) == 1 else 'y'}"
+
+
+def _class_prompts(dataset: str, names: str):
+    from .classnames import names_for
+    from .protocols import clearclip_names
+    return clearclip_names(dataset) if names == "clearclip" else names_for(dataset, names)
+
+
+def _template_list(t: str):
+    from .protocols import TEMPLATE_SETS
+    return TEMPLATE_SETS[t] if t in TEMPLATE_SETS else [t]
+
+
+def kind_defaults(kind: str, dataset: str) -> dict:
+    """A protocol kind's generic defaults on a dataset, in `protocol_defaults`' form: what
+    ``--method gem --protocol KIND`` runs (DEFAULTS), and any method given a --protocol other
+    than its own."""
     from .classnames import names_for
     from .datasets import get_dataset
+    spec = get_dataset(dataset)
+    d = DEFAULTS[kind]
+    kw = dict(kind=kind, class_prompts=names_for(spec.name, d["names"]),
+              has_background=spec.has_background, logit_scale=None, pamr_steps=0)
+    if spec.has_background:
+        kw.update(background=d["background"], threshold=d["threshold"], area_threshold=None)
+    if kind == "gem":
+        kw.update(size=d["size"], templates=(GEM_TEMPLATE,))
+    else:  # SlidingProtocol's own defaults: crop = size, stride by crop, windows padded
+        kw.update(size=d["size"], crop=None, stride=None, max_long_side=2048, resample="bicubic",
+                  pad=True, templates=IMAGENET_TEMPLATES)
+    return kw
+
+
+def _options(args):
+    """(spec, kind, the method's own kind, knobs, protocol overrides) from the arguments: only
+    the options given on the command line override the defaults (the method's, or with a foreign
+    --protocol those of `kind_defaults`).  Raises ValueError for inconsistent usage."""
+    from .datasets import get_dataset
+    from .protocols import protocol_defaults
     spec = get_dataset(args.dataset)
-    d = DEFAULTS[args.protocol]
-    class_prompts = names_for(spec.name, args.names or d["names"])
-    opts = dict(has_background=spec.has_background, gem_depth=args.gem_depth,
-                ss_attn_iter=args.iters, ss_attn_temp=args.temp, use_ori=args.ori,
-                logit_scale=args.logit_scale, batch_size=args.batch_size)
+    bad = _given(args, "point_threshold", "missing_images")
+    if bad:
+        raise ValueError(f"{_applies(bad)} to point-label datasets (--dataset oiv7-points) only")
+    knobs = _knobs(args)
+    base = protocol_defaults(args.method, spec.name, knobs)
+    native = base["kind"]
+    kind = args.protocol or native
+    if kind != native:
+        base = kind_defaults(kind, spec.name)
+    over = {}
+    if args.names:
+        over["class_prompts"] = _class_prompts(spec.name, args.names)
     thr = args.background_threshold
     if spec.has_background:
-        background = args.background or d["background"]
+        background = args.background or base["background"]
         if thr == "none":
             if args.background in ("threshold", "both"):
                 raise ValueError(f"--background {args.background} needs a threshold")
             background, thr = "prompt", None
         elif background == "prompt":
             if thr is not None:
-                raise ValueError("--background prompt takes no --background-threshold")
+                raise ValueError("--background prompt takes no --background-threshold"
+                                 if args.background else
+                                 f"{args.method} prompts the background on {spec.name} without a "
+                                 f"threshold: add --background threshold or both to use "
+                                 f"--background-threshold")
         elif thr is None:
-            thr = d["threshold"]
-        opts.update(background=background, threshold=thr)
+            thr = base["threshold"]
+            if thr is None:  # the method only prompts it
+                raise ValueError(f"--background {background} needs --background-threshold T "
+                                 f"({args.method} has no threshold on {spec.name})")
+        over.update(background=background, threshold=thr)
+    elif args.background is not None or thr not in (None, "none"):
+        raise ValueError(f"{spec.name} has no background class: --background and "
+                         f"--background-threshold do not apply")
+    sliding = _given(args, "crop", "stride", "max_long_side", "resample")
+    if kind == "gem":
+        if sliding:
+            raise ValueError(f"{_applies(sliding)} to the sliding protocol only ({args.method} "
+                             f"runs the gem protocol here: one size x size pass; --protocol "
+                             f"sliding for windows)")
+        if args.scores:
+            over["scores"] = args.scores
     else:
-        if args.background is not None or thr not in (None, "none"):
-            raise ValueError(f"{spec.name} has no background class: --background and "
-                             f"--background-threshold do not apply")
-    size = args.size or d["size"]
-    if args.protocol == "gem":
-        if args.crop or args.stride:
-            raise ValueError("--crop and --stride apply to --protocol sliding only")
-        opts.update(size=size, template=args.template or GEM_TEMPLATE, scores=args.scores)
-    else:
-        if args.scores != "cosine":
-            raise ValueError("--scores applies to --protocol gem only")
-        opts.update(size=size, crop=args.crop, stride=args.stride,
-                    max_long_side=args.max_long_side, resample=args.resample,
-                    templates=[args.template] if args.template else IMAGENET_TEMPLATES)
-    return spec, class_prompts, opts
+        if args.scores not in (None, "cosine"):
+            raise ValueError("--scores minmax applies to the gem protocol only")
+        over.update({d: getattr(args, d) for d in ("crop", "stride", "max_long_side", "resample")
+                     if getattr(args, d) is not None})
+        if args.crop == 0 and args.stride is not None:
+            raise ValueError("--stride does not apply to --crop 0 (the whole image, one window)")
+    for dest, key in (("size", "size"), ("logit_scale", "logit_scale"), ("pamr", "pamr_steps"),
+                      ("batch_size", "batch_size")):
+        if getattr(args, dest) is not None:
+            over[key] = getattr(args, dest)
+    if args.template is not None:
+        over["templates"] = _template_list(args.template)
+    if args.ori:
+        over["use_ori"] = True
+    return spec, kind, native, knobs, over
+
+
+def _protocol(model, args, spec, kind, native, knobs, over):
+    """The protocol: `method_protocol` (the method's defaults) with the overrides, or for a
+    foreign --protocol the kind's generic defaults with the overrides."""
+    from .protocols import METHOD_PROTOCOLS, PROTOCOLS, method_protocol, protocol_key
+    if kind == native:
+        return method_protocol(model, args.method, spec.name, knobs=knobs, **over)
+    kw = dict(kind_defaults(kind, spec.name), **over)
+    kw.pop("kind")
+    proto = PROTOCOLS[kind](model, kw.pop("class_prompts"), method=args.method, knobs=knobs,
+                            **kw)
+    own = METHOD_PROTOCOLS[protocol_key(args.method, knobs)].source
+    proto.defaults_from = (f"gem-jax eval --protocol {kind} (generic {kind} defaults, those of "
+                           f"--method gem --protocol {kind}); {args.method}'s own {native} "
+                           f"protocol ({own}) not used")
+    return proto
+
+
+def _point_options(args):
+    """(dataset, knobs, PointProtocol keyword arguments) for --dataset oiv7-points."""
+    from .datasets import get_point_dataset
+    ds = get_point_dataset(args.dataset)
+    bad = _given(args, "protocol", "crop", "stride", "max_long_side", "resample", "names",
+                 "logit_scale", "background", "background_threshold", "pamr")
+    if bad:
+        raise ValueError(f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not apply to "
+                         f"--dataset {ds.name} (point labels: one size x size pass per image, "
+                         f"the classes' display names as prompts; see --point-threshold)")
+    if args.template in TEMPLATE_SET_NAMES and args.template != "gem":
+        raise ValueError(f"--dataset {ds.name} takes one template, not the set {args.template!r}")
+    scores = args.scores or "minmax"
+    thr = POINT_THRESHOLD if args.point_threshold is None else args.point_threshold
+    if scores == "minmax" and not 0.0 <= thr <= 1.0:
+        raise ValueError(f"--point-threshold must be in [0, 1] for min-max normalized maps, got "
+                         f"{thr:g} (--scores cosine thresholds raw cosines)")
+    knobs = _knobs(args)
+    kw = dict(size=args.size or POINT_SIZE, threshold=thr, normalize=scores == "minmax",
+              use_ori=args.ori, batch_size=args.batch_size, method=args.method, knobs=knobs)
+    if args.template is not None:
+        kw["template"] = GEM_TEMPLATE if args.template == "gem" else args.template
+    return ds, kw
+
+
+def _initialize(args):
+    from ..distributed import initialize
+    return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                      getattr(args, "process_id", None),
+                      auto=bool(getattr(args, "distributed", False)))
+
+
+def _load(args):
+    """(model, None) or (None, exit code) after printing the error."""
+    try:
+        import jax.numpy as jnp
+        from .. import load
+        return load(args.model, dtype=getattr(jnp, args.dtype)), None
+    except Exception as e:  # CheckpointError and anything a broken checkpoint raises
+        from ..convert import CheckpointError
+        return None, _err(str(e) if isinstance(e, CheckpointError) else
+                          f"could not load model {args.model!r}: {type(e).__name__}: {e}", 1)
+
+
+def _check_out(out: Path, default_name: str):
+    if out.is_dir():  # the same output rule as every command: say what is wrong, exit 2
+        return _err(f"--out {out} is a directory; eval writes one JSON file (e.g. --out "
+                    f"{out / default_name})", 2)
+    return None
 
 
 def run(args) -> int:
     """Run ``eval`` from parsed arguments; returns the exit code."""
+    from .datasets import is_point_dataset
+    if is_point_dataset(args.dataset):
+        return _run_points(args)
     try:
-        spec, class_prompts, opts = _options(args)
+        spec, kind, native, knobs, over = _options(args)
     except ValueError as e:
         return _err(str(e), 2)
-    out = Path(args.out or f"eval-{spec.name}-{args.protocol}.json")
-    if out.is_dir():  # the same output rule as every command: say what is wrong, exit 2
-        return _err(f"--out {out} is a directory; eval writes one JSON file (e.g. --out "
-                    f"{out / f'eval-{spec.name}-{args.protocol}.json'})", 2)
+    tag = args.method if kind == native else f"{args.method}-{kind}"
+    label = args.method if kind == native else f"{args.method}, {kind} protocol"
+    name = f"eval-{spec.name}-{tag}.json"
+    out = Path(args.out or name)
+    if _check_out(out, name):
+        return 2
 
-    from ..distributed import initialize
     try:  # before JAX computes anything
-        cluster = initialize(getattr(args, "coordinator", None),
-                             getattr(args, "num_processes", None),
-                             getattr(args, "process_id", None),
-                             auto=bool(getattr(args, "distributed", False)))
+        cluster = _initialize(args)
     except ValueError as e:
         return _err(str(e), 2)
     from .datasets import DatasetError
-    from .protocols import PROTOCOLS
     from .runner import EvalError, checkpoint_path, evaluate
     try:
         spec.resolve_root(args.root)  # fail on a missing dataset before loading the model
     except DatasetError as e:
         return _err(str(e), 1)
+    model, code = _load(args)
+    if model is None:
+        return code
     try:
-        import jax.numpy as jnp
-        from .. import load
-        model = load(args.model, dtype=getattr(jnp, args.dtype))
-    except Exception as e:  # CheckpointError and anything a broken checkpoint raises
-        from ..convert import CheckpointError
-        return _err(str(e) if isinstance(e, CheckpointError) else
-                    f"could not load model {args.model!r}: {type(e).__name__}: {e}", 1)
-    try:
-        protocol = PROTOCOLS[args.protocol](model, class_prompts, **opts)
+        protocol = _protocol(model, args, spec, kind, native, knobs, over)
     except ValueError as e:  # knobs / sizes that need the model to check (e.g. --gem-depth)
         return _err(str(e), 2)
     if cluster.multi:
-        return _run_multi(args, cluster, model, spec, protocol, out)
+        return _run_multi(args, cluster, model, spec, protocol, out, label)
     try:
         res = evaluate(model, spec, args.root, protocol, out=out, limit=args.limit,
                        resume=args.resume, force=args.force,
@@ -262,9 +476,63 @@ def run(args) -> int:
     if not args.quiet:
         m = res["metrics"]
         c = res["counts"]
-        print(f"{spec.name} [{args.protocol}] {c['images']}/{c['images_total']} images: "
+        print(f"{spec.name} [{label}] {c['images']}/{c['images_total']} images: "
               f"mIoU {_fmt(m['mIoU'])}  mAcc {_fmt(m['mAcc'])}  aAcc {_fmt(m['aAcc'])}  "
               f"({res['status']}) -> {out}")
+    return 0
+
+
+def _run_points(args) -> int:
+    """--dataset oiv7-points: `PointProtocol` + `evaluate_points` (p-mIoU), one process."""
+    try:
+        ds, kw = _point_options(args)
+    except ValueError as e:
+        return _err(str(e), 2)
+    name = f"eval-{ds.name}-{args.method}.json"
+    out = Path(args.out or name)
+    if _check_out(out, name):
+        return 2
+    try:
+        cluster = _initialize(args)
+    except ValueError as e:
+        return _err(str(e), 2)
+    if cluster.multi:  # the per-class point counts are not reduced across processes (yet)
+        return _err(f"--dataset {ds.name} runs on one process; run it without --coordinator, "
+                    f"--num-processes, --process-id and --distributed", 2)
+    from .datasets import DatasetError
+    from .protocols import PointProtocol
+    from .runner import EvalError, checkpoint_path, evaluate_points
+    try:
+        ds.files(args.root)  # fail on a missing dataset before loading the model
+    except DatasetError as e:
+        return _err(str(e), 1)
+    model, code = _load(args)
+    if model is None:
+        return code
+    try:
+        protocol = PointProtocol(model, **kw)
+    except ValueError as e:  # knobs / sizes that need the model to check
+        return _err(str(e), 2)
+    try:
+        res = evaluate_points(model, ds, args.root, protocol, out=out, limit=args.limit,
+                              resume=args.resume, force=args.force,
+                              checkpoint_every=args.checkpoint_every,
+                              missing_images=args.missing_images or "error", quiet=args.quiet,
+                              model_source=str(args.model))
+    except (DatasetError, EvalError) as e:
+        return _err(str(e), 1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; progress saved: rerun with --resume --out {out}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        hint = f" (progress saved: rerun with --resume --out {out})" \
+            if checkpoint_path(out).exists() else ""
+        return _err(f"{type(e).__name__}: {e}{hint}", 1)
+    if not args.quiet:
+        c = res["counts"]
+        print(f"{ds.name} [{args.method}] {c['images']}/{c['images_total']} images, "
+              f"{c['points_yes'] + c['points_no']} points: p-mIoU {_fmt(res['metrics']['p-mIoU'])}"
+              f"  ({res['status']}) -> {out}")
     return 0
 
 
@@ -277,7 +545,7 @@ def part_path(out: Path, process: int, processes: int) -> Path:
     return out.with_name(f"{out.stem}.part-{process:05d}-of-{processes:05d}{out.suffix or '.json'}")
 
 
-def _run_multi(args, cluster, model, spec, protocol, out: Path) -> int:
+def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> int:
     """Several processes: process p evaluates every N-th image from p (sorted ids, after
     --limit) into its own part (resumable as usual); the confusion matrices are then summed
     across processes, exactly (int64), and process 0 writes the global results to --out."""
@@ -349,7 +617,7 @@ def _run_multi(args, cluster, model, spec, protocol, out: Path) -> int:
         part.unlink(missing_ok=True)
     if not args.quiet and pid == 0:
         m = glob["metrics"]
-        print(f"{spec.name} [{args.protocol}] {done}/{total} images on {n} processes: "
+        print(f"{spec.name} [{label}] {done}/{total} images on {n} processes: "
               f"mIoU {_fmt(m['mIoU'])}  mAcc {_fmt(m['mAcc'])}  aAcc {_fmt(m['aAcc'])}  "
               f"({glob['status']}) -> {out}")
     return 0
