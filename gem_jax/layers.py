@@ -4,11 +4,18 @@ Axes, named once:  B batch · N tokens · D width · H heads · K head_dim · M 
 
 A residual block is split in two so callers (GEM) can use the block's intermediate values as data:
 
-    h, q, k, v = block_qkv(p, x)          # h = LN1(x); q, k, v [B, H, N, K]
+    h, q, k, v = block_qkv(p, x, dtype)   # h = LN1(x); q, k, v [B, H, N, K]
     x_out      = block_finish(p, x, q, k, v, mask)
         = x + out(softmax(q kᵀ/√K + mask) v)  then  + MLP(LN2(·))
 
-LayerNorm statistics and softmax are computed in float32 whatever the compute dtype.
+Precision, whatever the compute dtype c (float32, or bfloat16/float16 for speed):
+  - the residual streams x are float32 (`acc_dtype(c)`): each block adds a small update to a
+    large stream, and rounding the stream to bf16 (8 bits of mantissa) after every block is the
+    largest error of a naive half-precision tower;
+  - matmul/einsum *operands* are in c (LN outputs, q, k, v, attention probabilities, MLP hidden
+    activations) and every product accumulates in float32 (`preferred_element_type`);
+  - projections (`linear`) return their float32 accumulator plus bias; LayerNorm statistics,
+    activations and softmax are computed in float32.
 """
 
 from __future__ import annotations
@@ -92,13 +99,14 @@ def acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def layer_norm(x, p, eps: float = 1e-5):
-    """LayerNorm over the last axis (biased variance, as torch), statistics in float32."""
+def layer_norm(x, p, eps: float = 1e-5, dtype=None):
+    """LayerNorm over the last axis (biased variance, as torch), statistics in float32; the
+    result in `dtype` (default x's: a compute dtype where it feeds a matmul)."""
     xf = x.astype(acc_dtype(x.dtype))
     mu = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mu).mean(-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + eps)
-    return (y * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)).astype(x.dtype)
+    return (y * p["scale"].astype(xf.dtype) + p["bias"].astype(xf.dtype)).astype(dtype or x.dtype)
 
 
 def activation(x, kind: str):
@@ -124,12 +132,16 @@ _INTERCEPTORS = threading.local()
 
 
 def _default_linear(name: str, x, w: Params, eq: str):
-    y = einsum(eq, x, w["kernel"].astype(x.dtype))
-    return y + w["bias"].astype(x.dtype) if "bias" in w else y
+    acc = acc_dtype(x.dtype)
+    y = jnp.einsum(eq, x, w["kernel"].astype(x.dtype), preferred_element_type=acc)
+    return y + w["bias"].astype(acc) if "bias" in w else y
 
 
 def linear(name: str, x, w: Params, eq: str):
     """y = einsum(eq, x, w["kernel"]) + w["bias"] — unless an interceptor is installed.
+
+    The kernel is cast to x's (compute) dtype; y is the float32 accumulator plus the bias
+    (float64 for float64 x): callers cast it where it feeds the next matmul.
 
     `name` says which projection this is: "patch_embed", "attn.qkv", "attn.out", "mlp.fc1",
     "mlp.fc2" or "proj", and `w` is that layer's param dict (one layer's slice of the stacked
@@ -183,13 +195,15 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
     return (x / jnp.maximum(n, eps).astype(x.dtype))
 
 
-def block_qkv(p: Params, x, eps: float = 1e-5):
-    """h = LN1(x) and the attention projections of h.  x [B,N,D] → h [B,N,D], q,k,v [B,H,N,K]."""
-    h = layer_norm(x, p["ln1"], eps)
+def block_qkv(p: Params, x, eps: float = 1e-5, dtype=None):
+    """h = LN1(x) and the attention projections of h, in the compute dtype (default x's).
+    x [B,N,D] → h [B,N,D], q,k,v [B,H,N,K]."""
+    dtype = dtype or x.dtype
+    h = layer_norm(x, p["ln1"], eps, dtype)
     # kernel [3, D, H, K], bias [3, H, K]; broadcast the bias over batch and tokens.
     w = p["attn"]["qkv"]
     wb = dict(w, bias=w["bias"][:, None, :, None, :])
-    qkv = linear("attn.qkv", h, wb, "bnd,tdhk->tbhnk")
+    qkv = linear("attn.qkv", h, wb, "bnd,tdhk->tbhnk").astype(dtype)
     return h, qkv[0], qkv[1], qkv[2]
 
 
@@ -217,18 +231,28 @@ def out_proj(p: Params, o):
 
 
 def mlp(p: Params, x, act: str):
-    return dense(activation(dense(x, p["fc1"], "mlp.fc1"), act), p["fc2"], "mlp.fc2")
+    """fc2(act(fc1(x))): x in the compute dtype; the activation in float32, cast back to x's
+    dtype for fc2; the result is fc2's float32 accumulator."""
+    return dense(activation(dense(x, p["fc1"], "mlp.fc1"), act).astype(x.dtype), p["fc2"],
+                 "mlp.fc2")
+
+
+def residual_mlp(p: Params, x, o, act: str, eps: float = 1e-5, dtype=None):
+    """The tail of a pre-LN block on an attention output o: y = x + o; y + MLP(LN2(y)), the MLP's
+    operands in `dtype` (default x's)."""
+    y = x + o
+    return y + mlp(p["mlp"], layer_norm(y, p["ln2"], eps, dtype or x.dtype), act)
 
 
 def block_finish(p: Params, x, q, k, v, act: str, eps: float = 1e-5, mask=None,
                  impl: str = "einsum"):
-    """The rest of a pre-LN residual block, given its q, k, v."""
-    x = x + out_proj(p, attention(q, k, v, mask, impl))
-    return x + mlp(p["mlp"], layer_norm(x, p["ln2"], eps), act)
+    """The rest of a pre-LN residual block, given its q, k, v (in the compute dtype)."""
+    return residual_mlp(p, x, out_proj(p, attention(q, k, v, mask, impl)), act, eps, q.dtype)
 
 
-def block(p: Params, x, act: str, eps: float = 1e-5, mask=None, impl: str = "einsum"):
-    _, q, k, v = block_qkv(p, x, eps)
+def block(p: Params, x, act: str, eps: float = 1e-5, mask=None, impl: str = "einsum",
+          dtype=None):
+    _, q, k, v = block_qkv(p, x, eps, dtype)
     return block_finish(p, x, q, k, v, act, eps, mask, impl)
 
 

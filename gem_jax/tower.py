@@ -25,9 +25,12 @@ Params = dict[str, Any]
 
 
 def run(stacked: Params, x, cfg, *, mask=None, impl: str = "einsum", method=None, knobs=None,
-        ex: layers.Execution = layers.DEFAULT, collect: bool = False, finish_last: bool = True):
+        ex: layers.Execution = layers.DEFAULT, collect: bool = False, finish_last: bool = True,
+        dtype=None):
     """Run the blocks on x [B, N, D].  Returns (x_out, stream, collected).
 
+    x and the method's stream stay in x's dtype (the float32 residual stream); each block's
+    matmul operands (h, q, k, v, ...) are in `dtype`, the compute dtype (default x's).
     cfg: the tower's config (layers, act, ln_eps, head_dim).  method: None (plain tower) or an
     object with `start(layers, knobs)` and `block(bp, s, vars, knobs, cfg, ex) -> s`; stream is
     its final state (None without a method).  collect: also return every block's vars stacked
@@ -41,7 +44,7 @@ def run(stacked: Params, x, cfg, *, mask=None, impl: str = "einsum", method=None
     def body(carry, xs):
         x, s = carry
         bp, i = xs
-        h, q, k, v = layers.block_qkv(bp, x, cfg.ln_eps)
+        h, q, k, v = layers.block_qkv(bp, x, cfg.ln_eps, dtype)
         blk = dict(x=x, h=h, q=q, k=k, v=v)
         if method is not None:
             # The stream is born as the input of block `start`; before that it just follows x.

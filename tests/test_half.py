@@ -1,14 +1,17 @@
-"""Half precision on the bundled toy CLIP (a real trained model): bfloat16 compute with float32
-accumulation, softmax and LayerNorm statistics keeps the per-pixel argmax of the toy benchmark's
-maps, and never gives NaN/Inf for any accepted knob value.
+"""Half precision on the bundled toy CLIP (a real trained model): bfloat16 matmul operands with
+float32 accumulation, float32 residual streams, LayerNorm statistics, softmax, final projection
+and text tower keeps the per-pixel argmax of the toy benchmark's maps, and never gives NaN/Inf
+for any accepted knob value.
 
 Observed (toy model, 32 held-out scenes, each scene's own object prompts, the benchmark's relative
-maps `toy_heatmaps`): argmax agreement 99.5% (bound 99%, the issue's); max |Δ| of the normalized
-maps 7.1e-2, median over scenes 7.4e-3.  The issue's 2e-2 *max* bound is NOT met on this model:
-rounding its weights to bf16 alone (float32 compute) moves its raw cosines by 5.8e-3 against a
-per-map range of ~0.18 (3% after min-max), so the max bound asserted here is 0.15 (2x observed)
-and the median 2e-2.  (The bf16 NaN at τ >= 1e5 found while writing this test is fixed: x̂ is
-materialized once, so its norms and its products use the same rounded values.)"""
+maps `toy_heatmaps`): argmax agreement 99.8% (bound 99%, the issue's); max |Δ| of the normalized
+maps 4.0e-2, 90th percentile ~8e-3, median 3.1e-3 (before the float32 streams: 7.1e-2 / 7.4e-3,
+99.5%).  Issue 15's 2e-2 *max* bound is NOT met on this model, and cannot be with bf16 matmul
+operands: rounding its weights to bf16 alone, with every operation in float32, already gives a
+max of 2.5e-2 (relative maps subtract the mean over 30 class prompts, and min-max then divides
+by a small range).  Asserted: max <= 0.08 (2x observed) and median <= 1e-2 (3x observed).  (The
+bf16 NaN at τ >= 1e5 found while writing this test is fixed: x̂ is materialized once, so its
+norms and its products use the same rounded values.)"""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def test_bf16_keeps_the_toy_benchmark_argmax(models):
     print(f"bf16 vs fp32: max |d| {max(diffs):.2e}, median {np.median(diffs):.2e}, "
           f"argmax agreement {np.mean(agree):.4f}")
     assert np.mean(agree) >= 0.99
-    assert np.median(diffs) <= 2e-2 and max(diffs) <= 0.15
+    assert np.median(diffs) <= 1e-2 and max(diffs) <= 0.08
 
 
 @pytest.mark.parametrize("temp", [0.0, 0.5, None, 1e3, 1e5, 1e6])

@@ -26,10 +26,10 @@ def attend(p, v):
     return layers.einsum("bhnm,bhmk->bhnk", p.astype(v.dtype), v)
 
 
-def residual_mlp(bp, x, o, cfg):
-    """CLIP's block tail on a modified attention output o: y = x + o; y + MLP(LN2(y))."""
-    y = x + o
-    return y + layers.mlp(bp["mlp"], layers.layer_norm(y, bp["ln2"], cfg.ln_eps), cfg.act)
+def residual_mlp(bp, blk, o, cfg):
+    """CLIP's block tail on a modified attention output o: y = x + o; y + MLP(LN2(y)), with x the
+    block's input (float32 stream) and the MLP's operands in the block's compute dtype."""
+    return layers.residual_mlp(bp, blk["x"], o, cfg.act, cfg.ln_eps, blk["q"].dtype)
 
 
 def check_choice(what: str, value, choices) -> None:

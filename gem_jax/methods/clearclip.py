@@ -37,4 +37,4 @@ class ClearCLIP(LastBlockMethod):
 
     def block(self, bp, s, blk, kn, cfg, ex):
         o = layers.out_proj(bp, attend(probs(blk["q"], blk["q"], cfg.head_dim ** -0.5), blk["v"]))
-        return residual_mlp(bp, blk["x"], o, cfg) if self.residual else o
+        return residual_mlp(bp, blk, o, cfg) if self.residual else o

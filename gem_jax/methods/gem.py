@@ -140,11 +140,11 @@ def self_self_attention(q, k, v, inv_temp, ss_attn_iter=1, branches=BRANCHES, *,
             e, r, xn = _ss_exp(x, inv_temp, nonneg)
             return _apply(e, r, xn if values is None else values)
 
-    out = 0.0
+    out = 0.0  # the branch mean accumulates in float32
     for name in branches:
         x = _repeat(attend, src[name], ss_attn_iter, max_iter)
-        out = out + attend(x, v)
-    return out / len(branches)
+        out = out + attend(x, v).astype(layers.acc_dtype(v.dtype))
+    return (out / len(branches)).astype(v.dtype)
 
 
 def check_depth(gem_depth, layers_: int):

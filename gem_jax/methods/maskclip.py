@@ -44,4 +44,4 @@ class MaskCLIP(LastBlockMethod):
 
     def block(self, bp, s, blk, kn, cfg, ex):
         o = layers.out_proj(bp, blk["v"])
-        return residual_mlp(bp, blk["x"], o, cfg) if self.residual else o
+        return residual_mlp(bp, blk, o, cfg) if self.residual else o

@@ -114,4 +114,4 @@ class NACLIP(LastBlockMethod):
         else:
             a = probs(q, k, sc)
         o = layers.out_proj(bp, attend(a, v))
-        return residual_mlp(bp, blk["x"], o, cfg) if self.arch == "vanilla" else o
+        return residual_mlp(bp, blk, o, cfg) if self.arch == "vanilla" else o

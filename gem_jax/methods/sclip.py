@@ -34,4 +34,4 @@ class SCLIP(LastBlockMethod):
     def block(self, bp, s, blk, kn, cfg, ex):
         sc = cfg.head_dim ** -0.5
         a = probs(blk["q"], blk["q"], sc) + probs(blk["k"], blk["k"], sc)
-        return residual_mlp(bp, blk["x"], layers.out_proj(bp, attend(a, blk["v"])), cfg)
+        return residual_mlp(bp, blk, layers.out_proj(bp, attend(a, blk["v"])), cfg)
