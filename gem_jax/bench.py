@@ -251,16 +251,23 @@ def run_cases(cases, repeats: int, cache: Path, with_torch: bool = True, model: 
 
 def _machine() -> dict:
     import jax
-    cpu = platform.processor() or ""
+    cpu, model, flags = platform.processor() or "", None, None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("model name") and model is None:
+                cpu = model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and flags is None:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return dict(cpu=cpu, cores=os.cpu_count(), backend=jax.default_backend(),
-                jax=jax.__version__, python=platform.python_version())
+    out = dict(cpu=cpu, cores=os.cpu_count(), backend=jax.default_backend(),
+               jax=jax.__version__, python=platform.python_version())
+    if flags is not None:
+        # Half precision is only fast on CPUs with native bf16 dot products; without them XLA
+        # converts to float32 first and bf16 is slower than float32 (seen on an AVX2-only host).
+        out["native_bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+        out["avx512"] = "avx512f" in flags
+    return out
 
 
 HEADER = ("| case | gem-jax median s | gem_torch median s | speedup | gem-jax img/s | compile s | "
@@ -291,7 +298,8 @@ def to_markdown(result) -> str:
     for dt, r in result.get("half_matmul_gflops", {}).items():
         lines += ["", f"Half precision ({dt} operands, float32 accumulation, softmax and LayerNorm "
                       f"statistics; same run): {dt} matmul rate {r:.0f} GFLOP/s vs float32 "
-                      f"{result['matmul_gflops']:.0f} GFLOP/s.", "", HALF_HEADER]
+                      f"{result['matmul_gflops']:.0f} GFLOP/s; CPU bf16 dot instructions: "
+                      f"{', '.join(m.get('native_bf16') or ['none'])}.", "", HALF_HEADER]
         lines += [_half_md(row, dt) for row in result["rows"] if dt in row]
     return "\n".join(lines) + "\n"
 
