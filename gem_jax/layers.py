@@ -46,7 +46,8 @@ class Execution:
         `cache_bytes`).
     microbatch: 0 runs the whole batch at once; k > 0 loops over chunks of k images (lax.map);
         -1 chooses the largest chunk whose attention scores fit in `cache_bytes`.
-    dtype: compute dtype; LayerNorm statistics and softmax stay in float32.
+    dtype: the matmul-operand dtype; accumulation, residual streams, LayerNorm statistics,
+        activations and softmax stay in float32 (see the module docstring).
     data_parallel: with several devices, shard the batch over all of them (params replicated).
     """
     attention: str = "einsum"

@@ -470,8 +470,11 @@ def resolve(src: str | os.PathLike) -> Path:
 def load(src: str | os.PathLike, *, dtype=jnp.float32, execution: Execution | None = None) -> GEMModel:
     """Load a CLIP checkpoint: hub id, HF transformers dir, OpenCLIP hub-layout dir, or native dir.
 
-    `dtype` is the parameter and compute dtype (bfloat16 on accelerators: LayerNorm statistics
-    and softmax stay float32); `execution` overrides how it runs (see `Execution.auto`)."""
+    `dtype` is the parameter dtype and the vision tower's matmul-operand dtype (bfloat16 on
+    accelerators, or on CPUs with bf16 dot instructions; elsewhere it is slower than float32):
+    accumulation, residual streams, LayerNorm statistics, softmax, the final projection and the
+    text tower stay float32 (see `gem_jax.layers`); `execution` overrides how it runs (see
+    `Execution.auto`)."""
     d = resolve(src)
     cfg, params, _ = load_checkpoint(d, dtype=np.float32)
     if dtype != jnp.float32:
