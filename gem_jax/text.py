@@ -30,7 +30,8 @@ def encode(p, cfg: TextConfig, ids, *, return_tokens: bool = False, dtype=None):
     LN_final(x).  dtype: the matmul operands' dtype, default float32 whatever the params' dtype
     (float64 for float64 params): prompts are encoded once and cached, the tower is ~1% of a
     448-px image's FLOPs, and bf16 text embeddings alone moved bf16 heatmaps by up to 4e-3
-    (normalized, attention-dominant ViT-B/16 fixture at 448); pass jnp.bfloat16 to compute in bf16 anyway."""
+    (normalized, attention-dominant ViT-B/16 fixture at 448); pass jnp.bfloat16 to compute in
+    bf16 anyway."""
     if ids.ndim != 2:
         raise ValueError(f"token ids must be [T, C], got shape {tuple(ids.shape)}")
     c = ids.shape[1]
