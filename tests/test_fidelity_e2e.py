@@ -404,9 +404,9 @@ def test_bf16_precision_policy(models):
     every matmul with a bf16 operand produces float32 (not only the N×N ones); every matmul of the
     tower but the final projection has bf16 operands (bf16 is really used, so an accuracy fix by
     computing in float32 fails here); the float32 ones are the LN_post projection, the
-    patch-text cosines (an operand with last dim E) and the maps' upsampling; and every [B, N, D] loop carry (the residual
-    streams through the layer scan) is float32.  Fails on the code before the float32 streams
-    (bf16 carries, bf16 linear outputs)."""
+    patch-text cosines (an operand with last dim E) and the maps' upsampling; and every
+    [B, N, D] loop carry (the residual streams through the layer scan) is float32.  Fails on the
+    code before the float32 streams (bf16 carries, bf16 linear outputs)."""
     model32, _ = models("oc_b32q_attn")
     ex = gem_jax.Execution(dtype="bfloat16")
     n, d, e = 1 + (224 // 32) ** 2, 768, 512
