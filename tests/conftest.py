@@ -192,3 +192,16 @@ def scene_pixels(seed: int, b: int, h: int, w: int):
             img[y0:y1, x0:x1] = 1.5 * rng.standard_normal(3)
         out[i] = img + 0.3 * rng.standard_normal((h, w, 3))
     return torch.from_numpy(out).to(torch.bfloat16).float().numpy()
+
+
+def jaxpr_eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into sub-jaxprs (pjit, loops, maps, conds, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    yield from jaxpr_eqns(inner)
+                elif hasattr(sub, "eqns"):
+                    yield from jaxpr_eqns(sub)

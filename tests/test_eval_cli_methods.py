@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 
-import jax
-import numpy as np
 import pytest
 
 import gem_jax
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.eval import protocols as P
 from gem_jax.eval.classnames import GEM_TEMPLATE, names_for
 from gem_jax.eval.cli import main
@@ -27,34 +24,15 @@ from gem_jax.eval.runner import checkpoint_path, evaluate, evaluate_points
 
 from test_eval_cli import make_dataset
 from test_oiv7 import make_oiv7
+from test_eval_protocols import tiny_model  # noqa: E402
 
 SIZE = ["--size", "32"]
-
-
-def tiny_model6(seed=5):
-    """A 6-block tiny random CLIP built with numpy (as test_eval_protocols.tiny_model)."""
-    cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=6, heads=4,
-                                         mlp_dim=128),
-                     text=TextConfig(width=32, layers=2, heads=4, mlp_dim=64), embed_dim=32)
-    rng = np.random.default_rng(seed)
-
-    def make(path, shape):
-        key = jax.tree_util.keystr(path)
-        if key.endswith("['scale']"):
-            return np.ones(shape, np.float32) + 0.1 * rng.standard_normal(shape).astype(np.float32)
-        if key == "['logit_scale']":
-            return np.asarray(np.log(1 / 0.07), np.float32)
-        std = 0.02 if key.endswith("['bias']") or "embed" in key or "cls" in key else 0.15
-        return (std * rng.standard_normal(shape)).astype(np.float32)
-    params = jax.tree_util.tree_map_with_path(make, gem_jax.params.param_shapes(cfg),
-                                              is_leaf=gem_jax.params.is_shape)
-    return gem_jax.GEMModel(cfg, params, gem_jax.CLIPTokenizer.from_bpe_gz(), source="tiny6")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from gem_jax.convert import save_native
-    m = tiny_model6()
+    m = tiny_model(seed=5, layers=6)  # 6 blocks: every method's default knobs are valid
     d = tmp_path_factory.mktemp("tiny6") / "ckpt"
     save_native(d, m.config, m.params, m.tokenizer)
     return d

@@ -13,10 +13,11 @@ from gem_jax.eval.protocols import (GEMProtocol, SlidingProtocol, classify, pad_
                                     rescale_size, resize_maps, slide_inference, window_boxes)
 
 
-def tiny_model(seed=0):
-    """A tiny random CLIP built with numpy (jax.random init compiles per shape: slow on CPU)."""
-    cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4,
-                                         mlp_dim=128),
+def tiny_model(seed=0, layers=3):
+    """A tiny random CLIP built with numpy (jax.random init compiles per shape: slow on CPU);
+    shared by the eval tests (test_eval_cli*, test_eval_methods, test_oiv7)."""
+    cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=layers,
+                                         heads=4, mlp_dim=128),
                      text=TextConfig(width=32, layers=2, heads=4, mlp_dim=64), embed_dim=32)
     rng = np.random.default_rng(seed)
     shapes = gem_jax.params.param_shapes(cfg)

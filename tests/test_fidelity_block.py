@@ -25,6 +25,8 @@ import torch
 
 from gem_jax import gem
 
+from conftest import jaxpr_eqns
+
 D, H = 768, 12   # ViT-B width and heads
 K = D // H
 N = 197          # ViT-B/16 @224 tokens (class + 14x14)
@@ -257,25 +259,12 @@ def test_exact_softmax_traced_and_vmapped_temperature(small_qkv, impl, heads_per
 
 
 # ----------------------------------------------------------------------------- 4. fast path taken
-def _eqns(jaxpr):
-    """Every equation of a (closed) jaxpr, recursing into sub-jaxprs (loops, maps, conds, pjit)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None and hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
-                elif hasattr(sub, "eqns"):
-                    yield from _eqns(sub)
-
-
 def _nn_row_max_count(fn, n):
     """Number of reduce_max equations over the last axis of an [..., n, n] operand: the row
     maximum of the N×N score matrix, i.e. a max pass of a numerically safe softmax."""
     jaxpr = jax.make_jaxpr(fn)().jaxpr
     count = 0
-    for eqn in _eqns(jaxpr):
+    for eqn in jaxpr_eqns(jaxpr):
         if eqn.primitive.name not in ("reduce_max", "argmax"):
             continue
         shape = eqn.invars[0].aval.shape

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import gem_jax
-from conftest import max_err, nchw, scene_pixels
+from conftest import jaxpr_eqns, max_err, nchw, scene_pixels
 
 PROMPTS = ["cat", "remote control", "a red square"]
 TOL_RAW = 4e-6
@@ -341,19 +341,6 @@ def test_bf16_close_to_fp32(models, cid):
     assert max(errs.values()) <= 2e-2, errs
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, recursing into sub-jaxprs (pjit, loops, maps, conds, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for p in eqn.params.values():
-            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None and hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
-                elif hasattr(sub, "eqns"):
-                    yield from _eqns(sub)
-
-
 @pytest.mark.parametrize("how", ["load(bf16)", "Execution(bf16)", "Execution(bf16, xla)"])
 def test_bf16_attention_products_accumulate_in_float32(models, bf16_b32q, how):
     """In the bf16 GEM path every dot_general of the N×N attention -- the score products
@@ -377,7 +364,7 @@ def test_bf16_attention_products_accumulate_in_float32(models, bf16_b32q, how):
     fn = lambda px: gem_jax.heatmaps_fn(model.params, px, emb, 7, 1, None, cfg=model.config, ex=ex)
     jaxpr = jax.make_jaxpr(fn)(pixels).jaxpr
     scores, weighted, bad = 0, 0, []
-    for eqn in _eqns(jaxpr):
+    for eqn in jaxpr_eqns(jaxpr):
         if eqn.primitive.name != "dot_general":
             continue
         ins = [v.aval for v in eqn.invars]
@@ -416,7 +403,7 @@ def test_bf16_precision_policy(models):
                                         ex=ex)
     jaxpr = jax.make_jaxpr(fn)(pixels).jaxpr
     low, full, bad_out, bad_full, carries = 0, 0, [], [], []
-    for eqn in _eqns(jaxpr):
+    for eqn in jaxpr_eqns(jaxpr):
         if eqn.primitive.name == "scan":
             nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
             carries += [v.aval for v in eqn.invars[nc:nc + nk]

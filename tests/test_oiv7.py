@@ -15,19 +15,18 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import gem_jax
-from gem_jax.config import CLIPConfig, TextConfig, VisionConfig
 from gem_jax.eval.datasets import DatasetError, get_dataset, get_point_dataset, is_point_dataset
 from gem_jax.eval.oiv7 import (CLASS_FILE, NO, POINT_COLUMNS, POINT_FILES, UNSURE, YES, OIV7Points,
                                PointCounts, evaluate_image_points, point_miou, point_pixels,
                                read_class_descriptions, read_point_labels)
 from gem_jax.eval.protocols import PointProtocol
 from gem_jax.eval.runner import EvalError, evaluate_points
+
+from test_eval_protocols import tiny_model  # noqa: E402
 
 CLASSES = {"/m/cat": "Cat", "/m/dog": "Dog", "/m/tree": "Tree", "/m/car": "Car"}
 TEXT_ONLY = ("/m/sky", "Sky")   # not in the class file: named by the TextLabel column
@@ -246,25 +245,6 @@ def test_loader_errors_name_the_problem(tmp_path, oiv7):
 
 
 # ----------------------------------------------------------------------------- end to end
-def tiny_model(seed=0):
-    cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=4,
-                                         mlp_dim=128),
-                     text=TextConfig(width=32, layers=2, heads=4, mlp_dim=64), embed_dim=32)
-    rng = np.random.default_rng(seed)
-    shapes = gem_jax.params.param_shapes(cfg)
-
-    def make(path, shape):
-        key = jax.tree_util.keystr(path)
-        if key.endswith("['scale']"):
-            return np.ones(shape, np.float32) + 0.1 * rng.standard_normal(shape).astype(np.float32)
-        if key == "['logit_scale']":
-            return np.asarray(np.log(1 / 0.07), np.float32)
-        std = 0.02 if key.endswith("['bias']") or "embed" in key or "cls" in key else 0.15
-        return (std * rng.standard_normal(shape)).astype(np.float32)
-    params = jax.tree_util.tree_map_with_path(make, shapes, is_leaf=gem_jax.params.is_shape)
-    return gem_jax.GEMModel(cfg, params, gem_jax.CLIPTokenizer.from_bpe_gz(), source="tiny")
-
-
 def test_evaluate_points_end_to_end(oiv7, tmp_path):
     root, _ = oiv7
     model = tiny_model()

@@ -445,7 +445,7 @@ def run(args) -> int:
     except ValueError as e:
         return _err(str(e), 2)
     from .datasets import DatasetError
-    from .runner import EvalError, checkpoint_path, evaluate
+    from .runner import evaluate
     try:
         spec.resolve_root(args.root)  # fail on a missing dataset before loading the model
     except DatasetError as e:
@@ -459,20 +459,12 @@ def run(args) -> int:
         return _err(str(e), 2)
     if cluster.multi:
         return _run_multi(args, cluster, model, spec, protocol, out, label)
-    try:
-        res = evaluate(model, spec, args.root, protocol, out=out, limit=args.limit,
-                       resume=args.resume, force=args.force,
-                       checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-                       model_source=str(args.model))
-    except (DatasetError, EvalError) as e:
-        return _err(str(e), 1)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; progress saved: rerun with --resume --out {out}", file=sys.stderr)
-        return 130
-    except Exception as e:
-        hint = f" (progress saved: rerun with --resume --out {out})" \
-            if checkpoint_path(out).exists() else ""
-        return _err(f"{type(e).__name__}: {e}{hint}", 1)
+    res, code = _guarded(out, lambda: evaluate(
+        model, spec, args.root, protocol, out=out, limit=args.limit, resume=args.resume,
+        force=args.force, checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+        model_source=str(args.model)))
+    if res is None:
+        return code
     if not args.quiet:
         m = res["metrics"]
         c = res["counts"]
@@ -501,7 +493,7 @@ def _run_points(args) -> int:
                     f"--num-processes, --process-id and --distributed", 2)
     from .datasets import DatasetError
     from .protocols import PointProtocol
-    from .runner import EvalError, checkpoint_path, evaluate_points
+    from .runner import evaluate_points
     try:
         ds.files(args.root)  # fail on a missing dataset before loading the model
     except DatasetError as e:
@@ -513,27 +505,37 @@ def _run_points(args) -> int:
         protocol = PointProtocol(model, **kw)
     except ValueError as e:  # knobs / sizes that need the model to check
         return _err(str(e), 2)
-    try:
-        res = evaluate_points(model, ds, args.root, protocol, out=out, limit=args.limit,
-                              resume=args.resume, force=args.force,
-                              checkpoint_every=args.checkpoint_every,
-                              missing_images=args.missing_images or "error", quiet=args.quiet,
-                              model_source=str(args.model))
-    except (DatasetError, EvalError) as e:
-        return _err(str(e), 1)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; progress saved: rerun with --resume --out {out}", file=sys.stderr)
-        return 130
-    except Exception as e:
-        hint = f" (progress saved: rerun with --resume --out {out})" \
-            if checkpoint_path(out).exists() else ""
-        return _err(f"{type(e).__name__}: {e}{hint}", 1)
+    res, code = _guarded(out, lambda: evaluate_points(
+        model, ds, args.root, protocol, out=out, limit=args.limit, resume=args.resume,
+        force=args.force, checkpoint_every=args.checkpoint_every,
+        missing_images=args.missing_images or "error", quiet=args.quiet,
+        model_source=str(args.model)))
+    if res is None:
+        return code
     if not args.quiet:
         c = res["counts"]
         print(f"{ds.name} [{args.method}] {c['images']}/{c['images_total']} images, "
               f"{c['points_yes'] + c['points_no']} points: p-mIoU {_fmt(res['metrics']['p-mIoU'])}"
               f"  ({res['status']}) -> {out}")
     return 0
+
+
+def _guarded(out: Path, run):
+    """(run(), None), or (None, exit code) with the error reported: dataset/eval errors 1,
+    Ctrl-C 130 and any other failure 1, both saying how to resume when a checkpoint exists."""
+    from .datasets import DatasetError
+    from .runner import EvalError, checkpoint_path
+    try:
+        return run(), None
+    except (DatasetError, EvalError) as e:
+        return None, _err(str(e), 1)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; progress saved: rerun with --resume --out {out}", file=sys.stderr)
+        return None, 130
+    except Exception as e:
+        hint = f" (progress saved: rerun with --resume --out {out})" \
+            if checkpoint_path(out).exists() else ""
+        return None, _err(f"{type(e).__name__}: {e}{hint}", 1)
 
 
 def _fmt(v):
