@@ -125,17 +125,24 @@ def _work_torch(case: Case, ckpt: str, repeats: int, out: str) -> dict:
     import open_clip
     from safetensors.torch import load_file
     torch.set_num_threads(os.cpu_count() or 1)
+    # On the same kind of device as gem-jax: a CUDA GPU when torch sees one (float32 matmuls,
+    # torch's default: no TF32), else the CPU.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = open_clip.create_model(case.arch, pretrained=None)
     model.load_state_dict(load_file(str(Path(ckpt) / "open_clip_model.safetensors")))
-    wrapper = gem_torch.GEMWrapper(model.eval(), open_clip.get_tokenizer(case.arch))
-    px = torch.from_numpy(_pixels(case)).permute(0, 3, 1, 2).contiguous()
+    wrapper = gem_torch.GEMWrapper(model.eval().to(dev), open_clip.get_tokenizer(case.arch))
+    px = torch.from_numpy(_pixels(case)).permute(0, 3, 1, 2).contiguous().to(dev)
     prompts = _prompts(case)
 
     def run():
         with torch.no_grad():
             if case.batch == 1:
-                return wrapper(px, prompts)
-            return torch.stack(wrapper.batched_forward(px, [prompts] * case.batch))
+                out = wrapper(px, prompts)
+            else:
+                out = torch.stack(wrapper.batched_forward(px, [prompts] * case.batch))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
     load_peak = _peak_rss_mb()
     _reset_peak_rss()
     run()  # warm-up
@@ -144,8 +151,8 @@ def _work_torch(case: Case, ckpt: str, repeats: int, out: str) -> dict:
         t = time.perf_counter()
         res = run()
         times.append(time.perf_counter() - t)
-    np.save(out, res.numpy())
-    return dict(times=times, compile_s=0.0, load_peak_rss_mb=load_peak,
+    np.save(out, res.cpu().numpy())
+    return dict(times=times, compile_s=0.0, device=dev, load_peak_rss_mb=load_peak,
                 run_peak_rss_mb=_peak_rss_mb())
 
 
@@ -156,6 +163,8 @@ def matmul_rate(sizes=(1024, 1536, 2048), repeats: int = 10, dtype: str = "float
     import jax
     import jax.numpy as jnp
     f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    if jax.default_backend() != "cpu":
+        sizes = (4096, 8192)  # accelerators: sizes that fill the chip
     best = 0.0
     for n in sizes:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
@@ -261,7 +270,9 @@ def _machine() -> dict:
     except OSError:
         pass
     out = dict(cpu=cpu, cores=os.cpu_count(), backend=jax.default_backend(),
-               jax=jax.__version__, python=platform.python_version())
+               device=jax.devices()[0].device_kind, jax=jax.__version__,
+               matmul_precision=str(jax.config.jax_default_matmul_precision or "default"),
+               python=platform.python_version())
     if flags is not None:
         # Half precision is only fast on CPUs with native bf16 dot products; without them XLA
         # converts to float32 first and bf16 is slower than float32 (seen on an AVX2-only host).
@@ -289,7 +300,14 @@ def _row_md(row) -> str:
 
 def to_markdown(result) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']}, jax {m['jax']}; "
+    torch_dev = next((r["torch"]["device"] for r in result["rows"] if "device" in r.get("torch", {})),
+                     None)
+    where = f"backend {m['backend']} ({m.get('device', '?')})"
+    if m["backend"] != "cpu":
+        where += f", jax matmul precision {m.get('matmul_precision', 'default')}"
+    if torch_dev:
+        where += f", gem_torch on {torch_dev}"
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {where}, jax {m['jax']}; "
              f"jit fp32 matmul rate {result['matmul_gflops']:.0f} GFLOP/s; median of "
              f"{result['repeats']} runs after warm-up; GFLOP/s on the nominal GEM FLOP count; "
              f"run peak RSS = peak resident memory of the worker process while running (after "

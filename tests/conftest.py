@@ -4,14 +4,17 @@ by the PyTorch references themselves, so every parity test loads exactly what us
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-# Parity tests compare fp32 arithmetic: pin XLA's matmul precision (TPU/GPU default to bf16 passes).
-jax.config.update("jax_default_matmul_precision", "highest")
+# Parity tests compare fp32 arithmetic: pin XLA's matmul precision (TPU/GPU default to bf16 or
+# TF32 passes).  GEM_JAX_TEST_MATMUL_PRECISION=default measures what an unpinned user gets there.
+jax.config.update("jax_default_matmul_precision",
+                  os.environ.get("GEM_JAX_TEST_MATMUL_PRECISION", "highest"))
 
 import torch  # noqa: E402  the reference (the [test] extra); a missing reference must fail, not skip
 torch.set_num_threads(2)

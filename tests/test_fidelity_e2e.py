@@ -34,6 +34,10 @@ PROMPTS = ["cat", "remote control", "a red square"]
 TOL_RAW = 4e-6
 TOL_NORM = 5e-5
 TEETH = 20
+# On an NVIDIA GPU the bf16 tests also run the cuDNN flash-attention path (attention="cudnn",
+# jax.nn.dot_product_attention's cuDNN kernel), which exists only there: on CPU these cases are
+# not collected (nothing is skipped).
+ON_GPU = jax.default_backend() == "gpu"
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,10 @@ def test_bf16_finite_for_every_accepted_temperature(models, bf16_b32q, temp):
             pixels, PROMPTS, ss_attn_temp=temp, normalize=False,
             execution=gem_jax.Execution(dtype="bfloat16", attention="xla", heads_per_step=1)),
     }
+    if ON_GPU:
+        runs["Execution(bf16, cudnn)"] = lambda: model32.heatmaps(
+            pixels, PROMPTS, ss_attn_temp=temp, normalize=False,
+            execution=gem_jax.Execution(dtype="bfloat16", attention="cudnn"))
     bad = {}
     for label, run in runs.items():
         out = np.asarray(run(), np.float32)
@@ -337,6 +345,10 @@ def test_bf16_close_to_fp32(models, cid):
         "Execution(bf16)": max_err(ours(model32, case, pixels, True,
                                         execution=gem_jax.Execution(dtype="bfloat16")), ref),
     }
+    if ON_GPU:
+        errs["Execution(bf16, cudnn)"] = max_err(ours(
+            model32, case, pixels, True,
+            execution=gem_jax.Execution(dtype="bfloat16", attention="cudnn")), ref)
     print(cid, {k: f"{v:.3g}" for k, v in errs.items()})
     assert max(errs.values()) <= 2e-2, errs
 
