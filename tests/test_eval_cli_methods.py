@@ -308,15 +308,3 @@ def test_oiv7_points_resume_and_errors(capsys, ckpt, oiv7, tmp_path, monkeypatch
         assert m["counts"]["images_missing"] == 1 and m["counts"]["images"] == 4
     finally:
         img.write_bytes(saved)
-
-
-def test_oiv7_points_rejects_several_processes(capsys, ckpt, oiv7, tmp_path, monkeypatch):
-    """The point counts are not reduced across processes: a clear usage error, nothing written."""
-    import types
-    from gem_jax.eval import cli as eval_cli
-    oiv7, _ = oiv7
-    monkeypatch.setattr(eval_cli, "_initialize", lambda args: types.SimpleNamespace(multi=True))
-    out = tmp_path / "mp.json"
-    rc, so, err = run(capsys, "--dataset", "oiv7-points", "--root", oiv7, "--model", ckpt,
-                      "--out", out, *SIZE)
-    assert rc == 2 and "runs on one process" in err and not out.exists()

@@ -4,7 +4,8 @@ on CPU) against the single-process run, on the tiny random-weight checkpoint.
 * 24 images (mixed sizes, one corrupt) on 2 processes: every valid image's outputs written
   exactly once (every write is logged by an instrumented driver), equal to the single-process
   outputs, the corrupt image reported once;
-* `eval` on 2 processes: the same confusion matrix and mIoU as on one process, exactly;
+* `eval` on 2 processes: the same confusion matrix and mIoU (and, on point labels, the same
+  per-class point counts and p-mIoU) as on one process, exactly;
 * one process SIGKILLed after its first outputs, then both rerun with --resume: the outputs are
   complete and equal to the single-process ones, and the images finished before the kill were
   not written again (same inode and mtime, same run id in the manifest).
@@ -267,6 +268,34 @@ def test_eval_two_processes_same_miou_exactly(ckpt, tmp_path):
     part = tmp_path / "part.json"
     assert eval_main([str(a) for a in args[1:]] + ["--out", str(part), "--limit", "4"]) == 0
     assert json.loads(part.read_text())["metrics"]["mIoU"] != a["metrics"]["mIoU"]
+    assert not list(tmp_path.glob("two.part-*"))   # the parts were folded into two.json
+
+
+def test_eval_points_two_processes_same_p_miou_exactly(ckpt, tmp_path):
+    """--dataset oiv7-points on 2 processes: each evaluates every 2nd image, the per-class point
+    counts are summed by class, and the p-mIoU, per-class IoU and counts equal one process's."""
+    from test_oiv7 import make_oiv7
+    from gem_jax.eval.cli import main as eval_main
+    make_oiv7(tmp_path / "oiv7", seed=4, n_images=7)
+    args = ["eval", "--dataset", "oiv7-points", "--root", tmp_path / "oiv7", "--model", ckpt,
+            "--size", "32", "--gem-depth", "3", "--quiet"]
+    one = tmp_path / "one.json"
+    assert eval_main([str(a) for a in args[1:]] + ["--out", str(one)]) == 0
+    two = tmp_path / "two.json"
+    res = run2([*args, "--out", two], tmp_path, tmp_path / "w.log", flags=True)
+    for rc, so, se in res:
+        assert rc == 0, se[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["status"] == a["status"] == "complete" and b["counts"]["images"] == 7
+    assert b["processes"]["images"] == [4, 3]       # each process evaluated its share
+    assert b["per_class"] == a["per_class"]         # tp, fp, fn, tn, unsure and IoU per class
+    assert b["counts"] == a["counts"] and b["metrics"] == a["metrics"]   # p-mIoU exactly
+    # Teeth: the counts are not trivial, and one process's share alone gives other counts.
+    assert sum(r["tp"] for r in a["per_class"]) > 0 and sum(r["fp"] + r["fn"]
+                                                            for r in a["per_class"]) > 0
+    part = tmp_path / "part.json"
+    assert eval_main([str(a) for a in args[1:]] + ["--out", str(part), "--limit", "4"]) == 0
+    assert json.loads(part.read_text())["per_class"] != a["per_class"]
     assert not list(tmp_path.glob("two.part-*"))   # the parts were folded into two.json
 
 

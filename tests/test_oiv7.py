@@ -280,3 +280,14 @@ def test_evaluate_points_end_to_end(oiv7, tmp_path):
     res2 = evaluate_points(model, "oiv7-points", root, proto, out=out2, quiet=True, resume=True)
     assert res2["metrics"] == res["metrics"] and res2["per_class"] == res["per_class"]
     assert not (tmp_path / "oiv7-2.json.ckpt.npz").exists()
+
+
+def test_point_counts_merge_adds_by_class():
+    """Merging into an empty PointCounts and with new classes (what the multi-process eval does
+    with each process's counts).  Before the fix, merging into an empty one raised IndexError."""
+    from gem_jax.eval.oiv7 import PointCounts
+    a = PointCounts()
+    a.merge(PointCounts.from_state(["x", "y"], [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]))
+    a.merge(PointCounts.from_state(["y", "z"], [[1, 1, 1, 1, 1], [2, 2, 2, 2, 2]]))
+    assert a.classes() == ["x", "y", "z"]
+    assert a.counts.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11], [2, 2, 2, 2, 2]]

@@ -50,7 +50,8 @@ overrides that default.  Two protocol kinds:
            logit scale, thresholds and PAMR per method and dataset).
 --dataset oiv7-points: one size x size pass per image (default 448), one heatmap per class with
 points on the image, min-max normalized, a point positive where its map exceeds
---point-threshold (default 0.5); p-mIoU over the split (gem_jax.eval.oiv7); one process only.
+--point-threshold (default 0.5); p-mIoU over the split (gem_jax.eval.oiv7); on several
+processes the per-class point counts are summed (exact).
 Results go to --out as JSON (written atomically) recording the method, its knobs, every protocol
 value and where the defaults came from; a checkpoint <out>.ckpt.npz is kept while the run is
 unfinished so that --resume continues an interrupted run."""
@@ -475,7 +476,8 @@ def run(args) -> int:
 
 
 def _run_points(args) -> int:
-    """--dataset oiv7-points: `PointProtocol` + `evaluate_points` (p-mIoU), one process."""
+    """--dataset oiv7-points: `PointProtocol` + `evaluate_points` (p-mIoU), on one process or
+    several (counts summed across processes)."""
     try:
         ds, kw = _point_options(args)
     except ValueError as e:
@@ -488,9 +490,6 @@ def _run_points(args) -> int:
         cluster = _initialize(args)
     except ValueError as e:
         return _err(str(e), 2)
-    if cluster.multi:  # the per-class point counts are not reduced across processes (yet)
-        return _err(f"--dataset {ds.name} runs on one process; run it without --coordinator, "
-                    f"--num-processes, --process-id and --distributed", 2)
     from .datasets import DatasetError
     from .protocols import PointProtocol
     from .runner import evaluate_points
@@ -505,6 +504,8 @@ def _run_points(args) -> int:
         protocol = PointProtocol(model, **kw)
     except ValueError as e:  # knobs / sizes that need the model to check
         return _err(str(e), 2)
+    if cluster.multi:
+        return _run_points_multi(args, cluster, model, ds, protocol, out)
     res, code = _guarded(out, lambda: evaluate_points(
         model, ds, args.root, protocol, out=out, limit=args.limit, resume=args.resume,
         force=args.force, checkpoint_every=args.checkpoint_every,
@@ -547,23 +548,16 @@ def part_path(out: Path, process: int, processes: int) -> Path:
     return out.with_name(f"{out.stem}.part-{process:05d}-of-{processes:05d}{out.suffix or '.json'}")
 
 
-def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> int:
-    """Several processes: process p evaluates every N-th image from p (sorted ids, after
-    --limit) into its own part (resumable as usual); the confusion matrices are then summed
-    across processes, exactly (int64), and process 0 writes the global results to --out."""
-    import dataclasses
-    import numpy as np
-    from ..distributed import agree, allgather_bytes, allgather_json, barrier
+def _run_sharded(args, cluster, out: Path, run_part, contribution, fold) -> int:
+    """Several processes: process p runs `run_part(part, (p, n))`, every n-th image from p (sorted
+    ids, after --limit), into its own part (resumable as usual); every process's
+    `contribution(results)` (JSON: exact integer counts) is gathered and process 0 writes
+    `fold(contributions)` -> (results, summary line) to --out.  All processes stop together on
+    any process's error."""
+    from ..distributed import agree, allgather_json, barrier
     from .datasets import DatasetError
-    from .runner import EvalError, atomic_write_json, checkpoint_path, evaluate, results_dict
+    from .runner import EvalError, atomic_write_json, checkpoint_path
     pid, n = cluster.process_id, cluster.num_processes
-    limit = args.limit
-    find = spec._find
-
-    def shard(root, resolve_only=False):
-        if resolve_only:
-            return find(root, resolve_only=True)
-        return find(root)[:limit][pid::n]
     part = part_path(out, pid, n)
     err = None
     finished = False
@@ -582,11 +576,7 @@ def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> i
         err = f"{out} exists: pass --force to overwrite (or --resume to finish an unfinished run)"
     if not any(agree(err)):
         try:
-            total = len(spec.samples(args.root))
-            res = evaluate(model, dataclasses.replace(spec, _find=shard), args.root, protocol,
-                           out=part, resume=args.resume, force=args.force,
-                           checkpoint_every=args.checkpoint_every, quiet=args.quiet,
-                           model_source=str(args.model))
+            res = run_part(part, (pid, n))
         except KeyboardInterrupt:
             print(f"\ninterrupted; progress saved: rerun with --resume --out {out}", file=sys.stderr)
             return 130
@@ -599,30 +589,100 @@ def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> i
     if any(errors):
         p, e = next((p, e) for p, e in enumerate(errors) if e)
         return _err(e if p == pid else f"process {p} failed: {e}", 1)
-    # The global confusion matrix: every process's int64 matrix, summed (exact).
-    mats = [np.frombuffer(b, np.int64).reshape(spec.num_classes, spec.num_classes)
-            for b in allgather_bytes(np.asarray(res["confusion_matrix"], np.int64).tobytes())]
-    counts = [int(c) for c in np.frombuffer(b"".join(allgather_bytes(
-        np.asarray([res["counts"]["images"]], np.int64).tobytes())), np.int64)]
-    seconds = max(float(np.frombuffer(b, np.float64)[0]) for b in
-                  allgather_bytes(np.asarray([res.get("seconds") or 0.0], np.float64).tobytes()))
-    done = sum(counts)
+    shares = allgather_json(dict(contribution(res), images=res["counts"]["images"],
+                                 seconds=res.get("seconds") or 0.0))
+    glob, line = fold(shares)
+    glob["processes"] = {"count": n, "images": [c["images"] for c in shares],
+                         "parts": [part_path(out, p, n).name for p in range(n)]}
     if pid == 0:
-        glob = results_dict(sum(mats), spec, root=args.root, protocol_knobs=res["protocol"],
-                            model_info=res["model"], images_done=done, images_total=total,
-                            status="complete" if done == total else "partial", seconds=seconds)
-        glob["processes"] = {"count": n, "images": counts,
-                             "parts": [part_path(out, p, n).name for p in range(n)]}
         atomic_write_json(out, glob)
     barrier("gem_jax.eval.written")
-    if done == total:  # the parts are folded into --out; unfinished parts stay for --resume
+    if glob["status"] == "complete":  # the parts are folded into --out; unfinished ones stay
         part.unlink(missing_ok=True)
     if not args.quiet and pid == 0:
-        m = glob["metrics"]
-        print(f"{spec.name} [{label}] {done}/{total} images on {n} processes: "
-              f"mIoU {_fmt(m['mIoU'])}  mAcc {_fmt(m['mAcc'])}  aAcc {_fmt(m['aAcc'])}  "
-              f"({glob['status']}) -> {out}")
+        print(f"{line} on {n} processes ({glob['status']}) -> {out}")
     return 0
+
+
+def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> int:
+    """Segmentation datasets on several processes: the confusion matrices are summed (int64,
+    exact), so the global mIoU equals one process's."""
+    import dataclasses
+    import numpy as np
+    from .runner import evaluate, results_dict
+    find = spec._find
+    total = len(spec.samples(args.root))
+
+    def run_part(part, shard):
+        def find_shard(root, resolve_only=False):
+            if resolve_only:
+                return find(root, resolve_only=True)
+            return find(root)[:args.limit][shard[0]::shard[1]]
+        return evaluate(model, dataclasses.replace(spec, _find=find_shard), args.root, protocol,
+                        out=part, resume=args.resume, force=args.force,
+                        checkpoint_every=args.checkpoint_every, quiet=args.quiet,
+                        model_source=str(args.model))
+    first = {}
+
+    def contribution(res):
+        first.update(protocol=res["protocol"], model=res["model"])
+        return {"confusion_matrix": res["confusion_matrix"]}
+
+    def fold(shares):
+        cm = sum(np.asarray(c["confusion_matrix"], np.int64) for c in shares)
+        done = sum(c["images"] for c in shares)
+        glob = results_dict(cm, spec, root=args.root, protocol_knobs=first["protocol"],
+                            model_info=first["model"], images_done=done, images_total=total,
+                            status="complete" if done == total else "partial",
+                            seconds=max(c["seconds"] for c in shares))
+        m = glob["metrics"]
+        return glob, (f"{spec.name} [{label}] {done}/{total} images: mIoU {_fmt(m['mIoU'])}  "
+                      f"mAcc {_fmt(m['mAcc'])}  aAcc {_fmt(m['aAcc'])}")
+    return _run_sharded(args, cluster, out, run_part, contribution, fold)
+
+
+def _run_points_multi(args, cluster, model, ds, protocol, out: Path) -> int:
+    """Point-label datasets on several processes: the per-class point counts (tp, fp, fn, tn,
+    unsure) are summed by class, so the global p-mIoU equals one process's."""
+    import numpy as np
+    from .oiv7 import PointCounts
+    from .runner import evaluate_points, point_results_dict
+    first = {}
+
+    def run_part(part, shard):
+        return evaluate_points(model, ds, args.root, protocol, out=part, limit=args.limit,
+                               resume=args.resume, force=args.force,
+                               checkpoint_every=args.checkpoint_every,
+                               missing_images=args.missing_images or "error", quiet=args.quiet,
+                               model_source=str(args.model), shard=shard)
+
+    def contribution(res):
+        first.update(protocol=res["protocol"], model=res["model"], counts=res["counts"],
+                     names={r["class"]: r["name"] for r in res["per_class"]})
+        rows = [[r[k] for k in ("tp", "fp", "fn", "tn", "unsure")] for r in res["per_class"]]
+        return {"classes": [r["class"] for r in res["per_class"]], "rows": rows,
+                "names": first["names"], "status": res["status"]}
+
+    def fold(shares):
+        counts = PointCounts()
+        names = {}
+        for c in shares:
+            rows = np.asarray(c["rows"], np.int64).reshape(-1, 5)  # (0, 5): a process with no images
+            counts.merge(PointCounts.from_state(c["classes"], rows))
+            names.update(c["names"])
+        done = sum(c["images"] for c in shares)
+        complete = all(c["status"] == "complete" for c in shares)
+        total, missing = first["counts"]["images_total"], first["counts"]["images_missing"]
+        glob = point_results_dict(counts, ds, names, root=args.root,
+                                  protocol_knobs=first["protocol"], model_info=first["model"],
+                                  images_done=done, images_total=total, images_missing=missing,
+                                  status="complete" if complete else "partial",
+                                  seconds=max(c["seconds"] for c in shares))
+        c = glob["counts"]
+        return glob, (f"{ds.name} [{args.method}] {done}/{total} images, "
+                      f"{c['points_yes'] + c['points_no']} points: "
+                      f"p-mIoU {_fmt(glob['metrics']['p-mIoU'])}")
+    return _run_sharded(args, cluster, out, run_part, contribution, fold)
 
 
 def main(argv=None) -> int:

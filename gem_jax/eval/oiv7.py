@@ -301,8 +301,10 @@ class PointCounts:
                 raise ValueError(f"answer must be YES (1), NO (0) or UNSURE (-1), got {a}")
 
     def merge(self, other: "PointCounts") -> None:
+        """Add `other`'s counts, class by class (classes new to self are appended)."""
         for cls, j in other.index.items():
-            self.counts[self._row(cls)] += other.counts[j]
+            row = self._row(cls)  # first: it may add the row that `self.counts` then includes
+            self.counts[row] += other.counts[j]
 
     def classes(self) -> list[str]:
         return sorted(self.index, key=self.index.get)

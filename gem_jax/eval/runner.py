@@ -357,14 +357,16 @@ def _load_point_checkpoint(path: Path):
 def evaluate_points(model, dataset, root, protocol, *, out=None, limit: int | None = None,
                     resume: bool = False, force: bool = False, checkpoint_every: int = 50,
                     missing_images: str = "error", quiet: bool = False, callback=None,
-                    model_source: str | None = None, log=None) -> dict:
+                    model_source: str | None = None, log=None,
+                    shard: tuple[int, int] | None = None) -> dict:
     """p-mIoU of `protocol` (a `PointProtocol`) on a point-label dataset (a name such as
     ``"oiv7-points"`` or a `gem_jax.eval.oiv7.OIV7Points`) under `root`.
 
     Images are those with at least one point, sorted by id; `limit` takes the first ones.
     Outputs, checkpoints (``<out>.ckpt.npz``: per-class counts and the ids done), `resume`,
     `force` and `callback` behave as in `evaluate`.  missing_images: 'error' (default) or 'skip'
-    labelled images whose file is absent (their number is reported).
+    labelled images whose file is absent (their number is reported).  shard=(p, n): only every
+    n-th image from p (after `limit`), one process's share; shares' counts add up exactly.
     """
     from .datasets import get_point_dataset
     from .oiv7 import PointCounts, evaluate_image_points
@@ -379,6 +381,9 @@ def evaluate_points(model, dataset, root, protocol, *, out=None, limit: int | No
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         samples = samples[:limit]
+    selected = len(samples)  # == total unless limited (a limited run is never "complete")
+    if shard is not None:
+        samples = samples[shard[0]::shard[1]]
     knobs = protocol.knobs()
     model_info = {"source": model_source if model_source is not None else
                   getattr(model, "source", ""), "name": model.config.name,
@@ -458,7 +463,7 @@ def evaluate_points(model, dataset, root, protocol, *, out=None, limit: int | No
         if out is not None and len(done) != last_saved:
             save()  # an interrupted run keeps everything evaluated so far
 
-    complete = len(done) == total
+    complete = len(done) == len(samples) and selected == total
     res = result("complete" if complete else "partial")
     if out is not None:
         if complete:
