@@ -256,3 +256,16 @@ def test_summary_reports_throughput(capsys, ckpt, tmp_path):
     line = so.splitlines()[0]
     assert line.startswith("6 image(s) in") and "images/s" in line and "after the first step" in line
     assert "host wait" in line and "0 failed" in line
+
+
+def test_progress_bar_shows_rate_and_eta(capsys, ckpt, tmp_path):
+    """The progress bar (stderr, one per process) counts images and shows images/s and the ETA
+    (tqdm's "elapsed<remaining, rate img/s"); --quiet turns it off."""
+    pictures(tmp_path / "src", 6)
+    base = ["heatmap", tmp_path / "src", "-p", "x", "--model", ckpt, *KNOBS, "--format", "npy",
+            "-b", "2"]
+    rc, so, err = run(capsys, *base, "--out", tmp_path / "o")
+    assert rc == 0, err
+    assert "heatmap" in err and "/6" in err and "img/s" in err and "<" in err, err[-500:]
+    rc, so, err = run(capsys, *base, "--out", tmp_path / "q", "--quiet")
+    assert rc == 0 and "img/s" not in err
