@@ -8,6 +8,7 @@ ids are int [T, C] (C ≤ context_length), as produced by `gem_jax.tokenizer.CLI
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from . import layers, tower
@@ -31,7 +32,13 @@ def encode(p, cfg: TextConfig, ids, *, return_tokens: bool = False, dtype=None):
     (float64 for float64 params): prompts are encoded once and cached, the tower is ~1% of a
     448-px image's FLOPs, and bf16 text embeddings alone moved bf16 heatmaps by up to 4e-3
     (normalized, attention-dominant ViT-B/16 fixture at 448); pass jnp.bfloat16 to compute in
-    bf16 anyway."""
+    bf16 anyway.  Float32 products are true float32 on every backend (matmul precision
+    "highest": not TF32 or one bf16 pass on GPUs/TPUs), for the same reason."""
+    with jax.default_matmul_precision("highest"):
+        return _encode(p, cfg, ids, return_tokens=return_tokens, dtype=dtype)
+
+
+def _encode(p, cfg: TextConfig, ids, *, return_tokens: bool, dtype):
     if ids.ndim != 2:
         raise ValueError(f"token ids must be [T, C], got shape {tuple(ids.shape)}")
     c = ids.shape[1]

@@ -76,6 +76,14 @@ def head(p, cfg: VisionConfig, x):
 
 def encode(p, cfg: VisionConfig, pixels, *, method=None, knobs=None, with_ori: bool = True,
            return_blocks: bool = False, ex: layers.Execution = layers.DEFAULT):
+    """Run the tower (see `_encode`) at the matmul precision of `ex.precision`."""
+    with layers.matmul_precision(ex.precision):
+        return _encode(p, cfg, pixels, method=method, knobs=knobs, with_ori=with_ori,
+                       return_blocks=return_blocks, ex=ex)
+
+
+def _encode(p, cfg: VisionConfig, pixels, *, method, knobs, with_ori: bool, return_blocks: bool,
+            ex: layers.Execution):
     """Run the tower, with an optional dense method (GEM, ...) beside the original stream.
 
     Returns a dict: tokens [B,1+N,E] (LN_post + proj of every original token), pooled [B,E]

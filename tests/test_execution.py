@@ -140,3 +140,40 @@ print('ok')
     files = list((tmp_path / "xla").rglob("*"))
     assert files, "nothing was cached"
     assert _run(code).startswith("ok")  # a second process reads the cache
+
+
+def _dot_precisions(fn, *args):
+    import jax
+    from conftest import jaxpr_eqns
+    return [eqn.params["precision"] for eqn in jaxpr_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+            if eqn.primitive.name == "dot_general"]
+
+
+def test_matmul_precision_is_explicit(model):
+    """Execution(precision="highest") traces every matmul of the image tower at HIGHEST (true
+    float32 on GPUs/TPUs, where JAX's default is TF32 / one bf16 pass: 1.6e-3..2.6e-3 normalized
+    from gem_torch on an H200) whatever the ambient `jax_default_matmul_precision`; None follows
+    the ambient setting; the text tower always runs at HIGHEST.  On CPU the maps are the same."""
+    import jax
+    from jax.lax import Precision
+    highest = (Precision.HIGHEST, Precision.HIGHEST)
+    pixels = jnp.asarray(random_pixels(1, 1, 64, 64))
+    emb = model.encode_text(PROMPTS)
+    fn = lambda ex: (lambda px: gem_jax.heatmaps_fn(model.params, px, emb, 7, 1, None,
+                                                    cfg=model.config, ex=ex))
+    with jax.default_matmul_precision("default"):  # the tests pin "highest" globally (conftest)
+        pinned = _dot_precisions(fn(Execution(precision="highest")), pixels)
+        ambient = _dot_precisions(fn(Execution()), pixels)
+        ids = jnp.asarray(model.tokenize(PROMPTS))
+        text = _dot_precisions(lambda i: gem_jax.text.encode(model.params["text"],
+                                                             model.config.text, i), ids)
+        a = _maps(model, Execution(precision="highest"), np.asarray(pixels))
+        b = _maps(model, Execution(), np.asarray(pixels))
+    assert len(pinned) > 20 and all(p == highest for p in pinned), set(map(str, pinned))
+    # Ambient "default": the tower's products are not HIGHEST (only the maps' cosines and
+    # upsampling, which are HIGHEST by construction).
+    assert sum(p != highest for p in ambient) > 20
+    assert text and all(p == highest for p in text), set(map(str, text))
+    assert np.abs(a - b).max() <= 1e-6   # CPU: float32 products either way (observed 0.0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Execution(precision="float32")
