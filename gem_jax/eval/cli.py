@@ -611,9 +611,11 @@ def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> i
     import numpy as np
     from .runner import evaluate, results_dict
     find = spec._find
-    total = len(spec.samples(args.root))
+    first = {}
 
-    def run_part(part, shard):
+    def run_part(part, shard):  # (inside the error handling that every process agrees on)
+        first["total"] = len(spec.samples(args.root))
+
         def find_shard(root, resolve_only=False):
             if resolve_only:
                 return find(root, resolve_only=True)
@@ -622,7 +624,6 @@ def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> i
                         out=part, resume=args.resume, force=args.force,
                         checkpoint_every=args.checkpoint_every, quiet=args.quiet,
                         model_source=str(args.model))
-    first = {}
 
     def contribution(res):
         first.update(protocol=res["protocol"], model=res["model"])
@@ -630,7 +631,7 @@ def _run_multi(args, cluster, model, spec, protocol, out: Path, label: str) -> i
 
     def fold(shares):
         cm = sum(np.asarray(c["confusion_matrix"], np.int64) for c in shares)
-        done = sum(c["images"] for c in shares)
+        done, total = sum(c["images"] for c in shares), first["total"]
         glob = results_dict(cm, spec, root=args.root, protocol_knobs=first["protocol"],
                             model_info=first["model"], images_done=done, images_total=total,
                             status="complete" if done == total else "partial",
@@ -657,11 +658,11 @@ def _run_points_multi(args, cluster, model, ds, protocol, out: Path) -> int:
                                model_source=str(args.model), shard=shard)
 
     def contribution(res):
-        first.update(protocol=res["protocol"], model=res["model"], counts=res["counts"],
-                     names={r["class"]: r["name"] for r in res["per_class"]})
+        first.update(protocol=res["protocol"], model=res["model"], counts=res["counts"])
         rows = [[r[k] for k in ("tp", "fp", "fn", "tn", "unsure")] for r in res["per_class"]]
         return {"classes": [r["class"] for r in res["per_class"]], "rows": rows,
-                "names": first["names"], "status": res["status"]}
+                "names": {r["class"]: r["name"] for r in res["per_class"]},
+                "status": res["status"]}
 
     def fold(shares):
         counts = PointCounts()
