@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
