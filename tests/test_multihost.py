@@ -245,19 +245,25 @@ def test_uneven_shares_run_the_same_number_of_steps(ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- eval
+def eval_one_and_two(args, tmp_path):
+    """The results JSON of `gem-jax eval ARGS` in this process (one.json) and on 2 processes
+    joined through the command-line flags (two.json); both must exit 0."""
+    from gem_jax.eval.cli import main as eval_main
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert eval_main([str(a) for a in args[1:]] + ["--out", str(one)]) == 0
+    res = run2([*args, "--out", two], tmp_path, tmp_path / "w.log", flags=True)
+    for rc, so, se in res:
+        assert rc == 0, se[-3000:]
+    return json.loads(one.read_text()), json.loads(two.read_text())
+
+
 def test_eval_two_processes_same_miou_exactly(ckpt, tmp_path):
     from test_eval_cli import make_dataset
     from gem_jax.eval.cli import main as eval_main
     make_dataset("voc21", tmp_path / "data", n=7, seed=3)
     args = ["eval", "--dataset", "voc21", "--root", tmp_path / "data", "--model", ckpt,
             "--size", "32", "--gem-depth", "3", "--background-threshold", "0.2", "--quiet"]
-    one = tmp_path / "one.json"
-    assert eval_main([str(a) for a in args[1:]] + ["--out", str(one)]) == 0
-    two = tmp_path / "two.json"
-    res = run2([*args, "--out", two], tmp_path, tmp_path / "w.log", flags=True)
-    for rc, so, se in res:
-        assert rc == 0, se[-3000:]
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    a, b = eval_one_and_two(args, tmp_path)
     assert b["status"] == "complete" and b["counts"]["images"] == 7
     assert b["processes"]["images"] == [4, 3]       # each process evaluated its share
     assert b["confusion_matrix"] == a["confusion_matrix"]
@@ -279,13 +285,7 @@ def test_eval_points_two_processes_same_p_miou_exactly(ckpt, tmp_path):
     make_oiv7(tmp_path / "oiv7", seed=4, n_images=7)
     args = ["eval", "--dataset", "oiv7-points", "--root", tmp_path / "oiv7", "--model", ckpt,
             "--size", "32", "--gem-depth", "3", "--quiet"]
-    one = tmp_path / "one.json"
-    assert eval_main([str(a) for a in args[1:]] + ["--out", str(one)]) == 0
-    two = tmp_path / "two.json"
-    res = run2([*args, "--out", two], tmp_path, tmp_path / "w.log", flags=True)
-    for rc, so, se in res:
-        assert rc == 0, se[-3000:]
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    a, b = eval_one_and_two(args, tmp_path)
     assert b["status"] == a["status"] == "complete" and b["counts"]["images"] == 7
     assert b["processes"]["images"] == [4, 3]       # each process evaluated its share
     assert b["per_class"] == a["per_class"]         # tp, fp, fn, tn, unsure and IoU per class

@@ -425,6 +425,27 @@ def _check_out(out: Path, default_name: str):
     return None
 
 
+def _start(args, default_name: str, check_dataset):
+    """What every eval does before computing, in this order: the output rule (exit 2), joining
+    the processes (exit 2), the dataset present under --root (`check_dataset(root)`, exit 1,
+    before the model loads), the model loaded (exit 1).  (out, cluster, model, None), or
+    (.., None, exit code) with the error reported."""
+    out = Path(args.out or default_name)
+    if _check_out(out, default_name):
+        return out, None, None, 2
+    try:  # before JAX computes anything
+        cluster = _initialize(args)
+    except ValueError as e:
+        return out, None, None, _err(str(e), 2)
+    from .datasets import DatasetError
+    try:
+        check_dataset(args.root)
+    except DatasetError as e:
+        return out, cluster, None, _err(str(e), 1)
+    model, code = _load(args)
+    return out, cluster, model, code
+
+
 def run(args) -> int:
     """Run ``eval`` from parsed arguments; returns the exit code."""
     from .datasets import is_point_dataset
@@ -436,24 +457,10 @@ def run(args) -> int:
         return _err(str(e), 2)
     tag = args.method if kind == native else f"{args.method}-{kind}"
     label = args.method if kind == native else f"{args.method}, {kind} protocol"
-    name = f"eval-{spec.name}-{tag}.json"
-    out = Path(args.out or name)
-    if _check_out(out, name):
-        return 2
-
-    try:  # before JAX computes anything
-        cluster = _initialize(args)
-    except ValueError as e:
-        return _err(str(e), 2)
-    from .datasets import DatasetError
-    from .runner import evaluate
-    try:
-        spec.resolve_root(args.root)  # fail on a missing dataset before loading the model
-    except DatasetError as e:
-        return _err(str(e), 1)
-    model, code = _load(args)
+    out, cluster, model, code = _start(args, f"eval-{spec.name}-{tag}.json", spec.resolve_root)
     if model is None:
         return code
+    from .runner import evaluate
     try:
         protocol = _protocol(model, args, spec, kind, native, knobs, over)
     except ValueError as e:  # knobs / sizes that need the model to check (e.g. --gem-depth)
@@ -482,24 +489,11 @@ def _run_points(args) -> int:
         ds, kw = _point_options(args)
     except ValueError as e:
         return _err(str(e), 2)
-    name = f"eval-{ds.name}-{args.method}.json"
-    out = Path(args.out or name)
-    if _check_out(out, name):
-        return 2
-    try:
-        cluster = _initialize(args)
-    except ValueError as e:
-        return _err(str(e), 2)
-    from .datasets import DatasetError
-    from .protocols import PointProtocol
-    from .runner import evaluate_points
-    try:
-        ds.files(args.root)  # fail on a missing dataset before loading the model
-    except DatasetError as e:
-        return _err(str(e), 1)
-    model, code = _load(args)
+    out, cluster, model, code = _start(args, f"eval-{ds.name}-{args.method}.json", ds.files)
     if model is None:
         return code
+    from .protocols import PointProtocol
+    from .runner import evaluate_points
     try:
         protocol = PointProtocol(model, **kw)
     except ValueError as e:  # knobs / sizes that need the model to check
